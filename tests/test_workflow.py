@@ -1,0 +1,101 @@
+"""Real snakemake runs in smoke mode: every output path, and rerun-only-what-changed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, planned_jobs, snakemake
+
+pytestmark = pytest.mark.workflow
+
+CONFIG = REPO / "tests" / "configs" / "rerun.yaml"
+TUNED = ["a", "b", "full", "r-1", "r-2"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("smoke")
+    shutil.copy(CONFIG, workdir / "config.yaml")
+    snakemake(workdir, "--cores", "2", "--config", "smoke=true")
+    return workdir
+
+
+def test_every_output_path_exists(smoke_run: Path):
+    results = smoke_run / "results"
+    model = results / "models" / "smol.smoke"
+    assert (model / "config.json").exists() and list(model.glob("*.safetensors"))
+    data = [p for p in (results / "data").iterdir() if p.is_dir()]
+    assert len(data) == 1, "all experiments share one tokenization"
+    stats = json.loads((data[0] / "stats.json").read_text())
+    assert stats["splits"]["train"]["kept"] > 0
+    for exp in TUNED:
+        config = json.loads((results / exp / "config.json").read_text())
+        stage = results / exp / "train"
+        metrics = json.loads((stage / "train_metrics.json").read_text())
+        assert metrics["status"] == "ok" and metrics["steps"] == 2
+        for key in ("ftflow_version", "git_commit", "packages", "config_hash", "device"):
+            assert key in metrics["provenance"]
+        weights = stage / ("model" if config["stages"][0]["method"] == "full" else "adapter")
+        assert list(weights.glob("*.safetensors")), weights
+        assert list((stage / "tb").glob("events.out.tfevents.*"))
+        assert list((stage / "merged").glob("*.safetensors"))
+        assert not (stage / "checkpoints").exists(), "checkpoints are removed after success"
+    for exp in TUNED + ["baseline"]:
+        ev = json.loads((results / exp / "eval" / "metrics.json").read_text())
+        assert ev["status"] == "ok"
+        assert ev["eval_loss"] > 0 and "exact_match" in ev["metrics"]
+        assert "provenance" in ev
+        lines = (results / exp / "eval" / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == 8 and {"prompt", "reference", "prediction", "scores"} <= set(json.loads(lines[0]))
+    rows = list(csv.DictReader((results / "report" / "summary.csv").open()))
+    assert sorted(r["experiment"] for r in rows) == sorted(TUNED + ["baseline"])
+    assert sum(1 for r in rows if r["best"] == "*") == 1
+    for name in ("report.html", "report.md"):
+        assert (results / "report" / name).stat().st_size > 0
+    assert (results / "report" / "plots" / "train_loss.png").stat().st_size > 0
+    for exp in TUNED:
+        assert (smoke_run / "logs" / exp / "train" / "train.log").exists()
+        assert (smoke_run / "benchmarks" / exp / "train" / "train.tsv").exists()
+
+
+def test_nothing_to_do_after_a_run(smoke_run: Path):
+    out = snakemake(smoke_run, "-n", "--cores", "2", "--config", "smoke=true").stdout
+    assert "Nothing to be done" in out, out
+
+
+def _edit(workdir: Path, change) -> None:
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    change(config)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _jobs_by_experiment(workdir: Path) -> dict[str, set[str]]:
+    out = snakemake(workdir, "-n", "--cores", "2", "--config", "smoke=true").stdout
+    by_exp: dict[str, set[str]] = {}
+    for rule, wildcards in planned_jobs(out):
+        exp = dict(part.split("=", 1) for part in wildcards.split(", ") if "=" in part).get("experiment", "-")
+        by_exp.setdefault(exp, set()).add(rule)
+    return by_exp
+
+
+def test_editing_one_experiment_reruns_only_it(smoke_run: Path, tmp_path: Path):
+    work = tmp_path / "w"
+    shutil.copytree(smoke_run, work, symlinks=True)
+    _edit(work, lambda c: c["experiments"]["b"]["training"].update(learning_rate=2.0e-4))
+    assert _jobs_by_experiment(work) == {"b": {"train", "merge", "evaluate"}, "-": {"report", "all"}}
+
+
+def test_editing_a_default_reruns_exactly_the_experiments_it_affects(smoke_run: Path, tmp_path: Path):
+    work = tmp_path / "w"
+    shutil.copytree(smoke_run, work, symlinks=True)
+    # lora settings reach the LoRA experiments and the sweep, not full fine-tuning or the baseline
+    _edit(work, lambda c: c["defaults"]["lora"].update(lora_dropout=0.1))
+    jobs = _jobs_by_experiment(work)
+    assert set(jobs) == {"a", "b", "r-1", "r-2", "-"}
+    assert all(jobs[e] == {"train", "merge", "evaluate"} for e in ("a", "b", "r-1", "r-2"))

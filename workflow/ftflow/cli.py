@@ -1,0 +1,182 @@
+"""The `ftflow` command line: one subcommand per workflow step, plus `resolve`.
+
+Rules call these commands, so the same step runs on the host, in a container
+and on a cluster node. Errors a user can fix print one line,
+`ftflow: error: ...`, and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import FtflowError
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, n))
+
+
+def cmd_resolve(args) -> int:
+    from .config import build_plan, load_workflow_config
+
+    overrides = {}
+    for item in args.config or []:
+        key, _, value = item.partition("=")
+        import yaml
+
+        overrides[key] = yaml.safe_load(value)
+    raw = load_workflow_config(args.configfile or ["config.yaml"], overrides)
+    started = time.perf_counter()
+    plan = build_plan(raw, workdir=os.getcwd(), results=args.results)
+    seconds = time.perf_counter() - started
+    rows = plan.summary()
+    if args.json:
+        json.dump({"experiments": rows, "data": sorted(plan.data), "seconds": seconds}, sys.stdout, indent=2)
+        print()
+        return 0
+    width = max(len(r["experiment"]) for r in rows)
+    for r in rows:
+        stages = " > ".join(f"{s['name']}:{s['method']}[{s['dataset']}]" for s in r["stages"]) or "(untuned baseline)"
+        print(f"{r['experiment']:<{width}}  {r['config_hash']}  {r['model']}  {stages}")
+    print(f"{len(rows)} experiments, {len(plan.data)} tokenization jobs, resolved in {seconds:.3f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare_model(args) -> int:
+    from .prepare import prepare_model
+
+    _threads(args.threads)
+    meta = prepare_model(args.spec, args.out)
+    logging.info("prepared %s from %s", args.out, meta["source"])
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from .data import tokenize
+
+    _threads(args.threads)
+    stats = tokenize(args.spec, args.out, workdir=os.getcwd(), num_proc=args.threads or 1)
+    for split, s in stats["splits"].items():
+        logging.info("%s: %d rows in, %d kept, dropped %s, %d tokens, %d label tokens", split, s["rows_in"], s["kept"], s["dropped"] or "none", s["tokens"], s["label_tokens"])
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train_stage
+
+    _threads(args.threads)
+    result = train_stage(args.config, args.stage, args.base, args.data, args.out, adapter_dir=args.adapter)
+    logging.info("stage %s: status %s, %s steps", args.stage, result["status"], result.get("steps"))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_stage
+
+    _threads(args.threads)
+    result = merge_stage(args.metrics, args.base, args.out)
+    logging.info("merge: %s", result)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_experiment
+
+    _threads(args.threads)
+    result = evaluate_experiment(args.config, args.model, args.data, args.out)
+    shown = {k: v for k, v in result.items() if k in ("status", "eval_loss", "perplexity", "metrics", "primary_value")}
+    logging.info("eval: %s", json.dumps(shown, default=str)[:2000])
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    experiments = args.experiments
+    if args.experiments_file:
+        with open(args.experiments_file, encoding="utf-8") as handle:
+            experiments = json.load(handle)
+    result = write_report(args.results, args.logs, experiments, args.out, title=args.title)
+    logging.info("report: %d rows, best %s by %s", result["rows"], result["best"], result["primary"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftflow", description="Fine-tuning experiments as a Snakemake workflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("resolve", help="print the resolved experiments of a config")
+    p.add_argument("--configfile", nargs="+", help="config files, merged in order (default: config.yaml)")
+    p.add_argument("--config", nargs="+", metavar="KEY=VALUE", help="top-level overrides, as snakemake --config")
+    p.add_argument("--results", default="results")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("prepare-model", help="write a base model as an HF safetensors folder")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("tokenize", help="tokenize one dataset with one tokenizer")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train", help="train one stage of one experiment")
+    p.add_argument("--config", required=True, help="the experiment's config.json")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--base", required=True, help="model folder the stage starts from")
+    p.add_argument("--data", required=True, help="tokenized data folder")
+    p.add_argument("--out", required=True, help="the stage's folder")
+    p.add_argument("--adapter", help="adapter to continue (init_from: adapter)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge a stage's adapter into its base")
+    p.add_argument("--metrics", required=True, help="the stage's train_metrics.json")
+    p.add_argument("--base", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("evaluate", help="evaluate an experiment's final model")
+    p.add_argument("--config", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write the comparison table and plots")
+    p.add_argument("--results", default="results")
+    p.add_argument("--logs", default="logs")
+    p.add_argument("--out", default="results/report")
+    p.add_argument("--experiments", nargs="*", default=[])
+    p.add_argument("--experiments-file", help="JSON list of experiment names")
+    p.add_argument("--title", default="ftflow report")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except FtflowError as err:
+        print(f"ftflow: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""exact_match: the prediction equals the reference.
+
+References that parse as JSON are compared as JSON values (key order and
+whitespace do not matter); others are compared as whitespace-stripped text.
+"""
+
+import json
+
+import datasets
+import evaluate
+
+
+def _normal(text):
+    text = text.strip()
+    try:
+        return ("json", json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False))
+    except ValueError:
+        return ("text", text)
+
+
+class ExactMatch(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Fraction of predictions equal to their reference (as JSON when the reference is JSON).",
+            citation="",
+            inputs_description="predictions: list of str; references: list of str",
+            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references):
+        scores = []
+        for prediction, reference in zip(predictions, references):
+            kind, ref = _normal(reference)
+            pred = _normal(prediction)[1] if kind == "json" else prediction.strip()
+            scores.append(float(pred == ref))
+        return {"exact_match": sum(scores) / len(scores) if scores else 0.0, "per_example": scores}

@@ -1,0 +1,17 @@
+rule merge:
+    """The stage's model merged into one folder (a status placeholder if the stage did not finish ok)."""
+    input:
+        metrics=f"{RESULTS}/{{experiment}}/{{stage}}/train_metrics.json",
+        base=get_stage_base,
+    output:
+        directory(f"{RESULTS}/{{experiment}}/{{stage}}/merged"),
+    log:
+        f"{LOGS}/{{experiment}}/{{stage}}/merge.log",
+    threads: 1 if PLAN.smoke else 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        "../../envs/ftflow.yaml"
+    shell:
+        "ftflow merge --metrics {input.metrics} --base {input.base} --out {output} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,16 @@
+rule prepare_model:
+    """Base model as an HF safetensors folder (GGUF de-quantized, hub downloaded, or smoke stand-in)."""
+    input:
+        spec=f"{RESULTS}/models/{{model}}.json",
+    output:
+        directory(f"{RESULTS}/models/{{model}}"),
+    log:
+        f"{LOGS}/models/{{model}}.log",
+    threads: 1 if PLAN.smoke else 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/ftflow.yaml"
+    shell:
+        "ftflow prepare-model --spec {input.spec} --out {output} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,34 @@
+rule report:
+    """One row per experiment: varied settings, cost, losses, task metrics, status."""
+    input:
+        get_report_inputs(),
+        experiments=experiments_file(),
+    output:
+        csv=report(
+            f"{RESULTS}/report/summary.csv",
+            caption="../report/summary.rst",
+            category="Report",
+        ),
+        html=report(
+            f"{RESULTS}/report/report.html",
+            caption="../report/report_html.rst",
+            category="Report",
+        ),
+        md=f"{RESULTS}/report/report.md",
+        plots=report(
+            directory(f"{RESULTS}/report/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="Plots",
+        ),
+    log:
+        f"{LOGS}/report.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/ftflow.yaml"
+    shell:
+        "ftflow report --results {RESULTS} --logs {LOGS} --out {RESULTS}/report"
+        " --experiments-file {input.experiments} > {log} 2>&1"
