@@ -16,6 +16,7 @@ pytestmark = pytest.mark.workflow
 
 CONFIG = REPO / "tests" / "configs" / "rerun.yaml"
 TUNED = ["a", "b", "full", "r-1", "r-2"]
+PINNED_SECOND_LOSS = {"a": 10.8422, "b": 10.8469, "full": 10.8312, "r-1": 10.8443, "r-2": 10.8434}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,9 @@ def test_every_output_path_exists(smoke_run: Path):
         stage = results / exp / "train"
         metrics = json.loads((stage / "train_metrics.json").read_text())
         assert metrics["status"] == "ok" and metrics["steps"] == 2
+        losses = [entry["loss"] for entry in metrics["losses"]]
+        assert losses[0] == pytest.approx(10.8425, rel=1e-4), "same seed, same stand-in model, same first batch"
+        assert losses[1] == pytest.approx(PINNED_SECOND_LOSS[exp], rel=1e-4)
         for key in ("ftflow_version", "git_commit", "packages", "config_hash", "device"):
             assert key in metrics["provenance"]
         weights = stage / ("model" if config["stages"][0]["method"] == "full" else "adapter")

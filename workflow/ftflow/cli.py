@@ -104,7 +104,8 @@ def cmd_report(args) -> int:
     if args.experiments_file:
         with open(args.experiments_file, encoding="utf-8") as handle:
             experiments = json.load(handle)
-    result = write_report(args.results, args.logs, experiments, args.out, title=args.title)
+    results = args.results or os.path.dirname(os.path.abspath(args.out))
+    result = write_report(results, args.logs, experiments, args.out, title=args.title)
     logging.info("report: %d rows, best %s by %s", result["rows"], result["best"], result["primary"])
     return 0
 
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="write the comparison table and plots")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", help="results folder (default: the parent of --out)")
     p.add_argument("--logs", default="logs")
     p.add_argument("--out", default="results/report")
     p.add_argument("--experiments", nargs="*", default=[])

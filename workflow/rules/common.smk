@@ -1,39 +1,30 @@
 # Config validation, wildcard constraints and input functions. All resolution
 # happens once, in ftflow.config.build_plan; this file only reads the Plan.
-import os
 import re
 import sys
 
-from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
-# Rules call the `ftflow` command of the Python that runs Snakemake.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+sys.path.insert(0, f"{workflow.basedir}/workflow")
 
-from ftflow.config import build_plan, normalize_raw, write_if_changed  # noqa: E402
-from ftflow.errors import ConfigError  # noqa: E402
+from ftflow.config import write_if_changed  # noqa: E402
+from ftflow.workflow import (  # noqa: E402
+    default_gpus,
+    effective_config,
+    plan_or_exit,
+    use_this_python_for_jobs,
+)
 
-SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+SCHEMA = f"{workflow.basedir}/workflow/schemas/config.schema.yaml"
 RESULTS = "results"
 LOGS = "logs"
 
-
-def effective_config():
-    # Config files given with --configfile declare the experiments on their own;
-    # config.yaml (the embedded default) is used only when none is given.
-    if workflow.overwrite_configfiles:
-        return normalize_raw(workflow.config_settings.overwrite_config)
-    return normalize_raw(config)
-
-
-RAW_CONFIG = effective_config()
-try:
-    PLAN = build_plan(RAW_CONFIG, workdir=os.getcwd(), results=RESULTS)
-except ConfigError as err:
-    # One line that names the config path and the fix; a traceback would only hide it.
-    sys.stderr.write(f"ftflow config error: {err}\n")
-    sys.exit(1)
+use_this_python_for_jobs()
+RAW_CONFIG = effective_config(
+    config, workflow.overwrite_configfiles, workflow.config_settings.overwrite_config
+)
+PLAN = plan_or_exit(RAW_CONFIG, RESULTS)
+DEFAULT_GPUS = default_gpus()
 validate(RAW_CONFIG, SCHEMA, set_default=False)
 PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments
@@ -85,7 +76,8 @@ def get_stage_adapter(wildcards):
 
 def adapter_flag(wildcards, input):
     if input.get("adapter"):
-        return "--adapter " + os.path.join(os.path.dirname(input.adapter), "adapter")
+        stage_dir = input.adapter.rsplit("/", 1)[0]
+        return f"--adapter {stage_dir}/adapter"
     return ""
 
 
@@ -110,26 +102,20 @@ def get_eval_data(wildcards):
 
 def get_stage_gpus(wildcards):
     stage = get_stage(wildcards)
-    if stage.gpus is not None:
-        return stage.gpus
-    return 1 if os.environ.get("FTFLOW_GPUS_PER_JOB") or _has_gpu() else 0
+    return stage.gpus if stage.gpus is not None else DEFAULT_GPUS
 
 
 def get_eval_gpus(wildcards):
-    return 1 if os.environ.get("FTFLOW_GPUS_PER_JOB") or _has_gpu() else 0
-
-
-def _has_gpu():
-    import shutil
-
-    return shutil.which("nvidia-smi") is not None
+    return DEFAULT_GPUS
 
 
 def get_report_inputs(wildcards=None):
     paths = []
     for exp in EXPERIMENTS.values():
         paths.append(f"{RESULTS}/{exp.name}/eval/metrics.json")
-        paths.extend(f"{RESULTS}/{exp.name}/{s.name}/train_metrics.json" for s in exp.stages)
+        paths.extend(
+            f"{RESULTS}/{exp.name}/{s.name}/train_metrics.json" for s in exp.stages
+        )
     return paths
 
 

@@ -11,15 +11,15 @@ rule evaluate:
         f"{LOGS}/{{experiment}}/eval.log",
     benchmark:
         f"benchmarks/{{experiment}}/eval.tsv"
-    params:
-        out=lambda w: f"{RESULTS}/{w.experiment}/eval",
+    conda:
+        "../../envs/ftflow.yaml"
     threads: HEAVY_THREADS
     resources:
         gpu=get_eval_gpus,
         mem_mb=16000,
         runtime=240,
-    conda:
-        "../../envs/ftflow.yaml"
+    params:
+        out=lambda w: f"{RESULTS}/{w.experiment}/eval",
     shell:
         "ftflow evaluate --config {input.config} --model {input.model} --data {input.data}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

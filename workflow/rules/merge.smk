@@ -7,11 +7,11 @@ rule merge:
         directory(f"{RESULTS}/{{experiment}}/{{stage}}/merged"),
     log:
         f"{LOGS}/{{experiment}}/{{stage}}/merge.log",
+    conda:
+        "../../envs/ftflow.yaml"
     threads: 1 if PLAN.smoke else 2
     resources:
         mem_mb=16000,
         runtime=60,
-    conda:
-        "../../envs/ftflow.yaml"
     shell:
         "ftflow merge --metrics {input.metrics} --base {input.base} --out {output} --threads {threads} > {log} 2>&1"

@@ -6,11 +6,11 @@ rule prepare_model:
         directory(f"{RESULTS}/models/{{model}}"),
     log:
         f"{LOGS}/models/{{model}}.log",
+    conda:
+        "../../envs/ftflow.yaml"
     threads: 1 if PLAN.smoke else 2
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../../envs/ftflow.yaml"
     shell:
         "ftflow prepare-model --spec {input.spec} --out {output} --threads {threads} > {log} 2>&1"

@@ -23,12 +23,15 @@ rule report:
         ),
     log:
         f"{LOGS}/report.log",
+    conda:
+        "../../envs/ftflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/ftflow.yaml"
+    params:
+        out=lambda w, output: output.csv.rsplit("/", 1)[0],
+        logs=LOGS,
     shell:
-        "ftflow report --results {RESULTS} --logs {LOGS} --out {RESULTS}/report"
+        "ftflow report --out {params.out} --logs {params.logs}"
         " --experiments-file {input.experiments} > {log} 2>&1"

@@ -7,11 +7,11 @@ rule tokenize:
         directory(f"{RESULTS}/data/{{data_id}}"),
     log:
         f"{LOGS}/data/{{data_id}}.log",
+    conda:
+        "../../envs/ftflow.yaml"
     threads: 1 if PLAN.smoke else 2
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/ftflow.yaml"
     shell:
         "ftflow tokenize --spec {input.spec} --out {output} --threads {threads} > {log} 2>&1"

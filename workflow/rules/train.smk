@@ -11,16 +11,16 @@ rule train:
         f"{LOGS}/{{experiment}}/{{stage}}/train.log",
     benchmark:
         f"benchmarks/{{experiment}}/{{stage}}/train.tsv"
-    params:
-        adapter=adapter_flag,
-        out=lambda w: f"{RESULTS}/{w.experiment}/{w.stage}",
+    conda:
+        "../../envs/ftflow.yaml"
     threads: HEAVY_THREADS
     resources:
         gpu=get_stage_gpus,
         mem_mb=16000,
         runtime=720,
-    conda:
-        "../../envs/ftflow.yaml"
+    params:
+        adapter=adapter_flag,
+        out=lambda w: f"{RESULTS}/{w.experiment}/{w.stage}",
     shell:
         "ftflow train --config {input.config} --stage {wildcards.stage} --base {input.base}"
         " --data {input.data} --out {params.out} {params.adapter} --threads {threads} > {log} 2>&1"
