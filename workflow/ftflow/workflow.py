@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import Plan, build_plan, normalize_raw
+from .config import Plan, build_plan, check_duplicate_keys, normalize_raw
 from .errors import ConfigError
 
 
@@ -30,10 +30,15 @@ def effective_config(config: dict, cli_configfiles, cli_config: dict) -> dict:
     return normalize_raw(config)
 
 
-def plan_or_exit(raw: dict, results: str) -> Plan:
+def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
     """Resolve the config; on a config error print one line naming the path and the fix, and exit."""
     try:
-        return build_plan(raw, workdir=os.getcwd(), results=results)
+        for path in configfiles:
+            if os.path.exists(path):
+                check_duplicate_keys(path)
+        plan = build_plan(raw, workdir=os.getcwd(), results=results)
+        check_mixed_precision(plan, default_gpus())
+        return plan
     except ConfigError as err:
         sys.stderr.write(f"ftflow config error: {err}\n")
         sys.exit(1)
@@ -44,3 +49,18 @@ def default_gpus() -> int:
     import shutil
 
     return 1 if shutil.which("nvidia-smi") else 0
+
+
+def check_mixed_precision(plan: Plan, gpus_available: int) -> None:
+    """fp16/bf16 need a GPU: refuse them for a stage that will run on the CPU, before any job starts."""
+    for exp in plan.experiments.values():
+        for stage in exp.stages:
+            gpus = stage.gpus if stage.gpus is not None else gpus_available
+            for key in ("fp16", "bf16"):
+                if stage.training.get(key) and gpus == 0:
+                    where = "no GPU is visible here" if stage.gpus is None else "the stage sets gpus: 0"
+                    raise ConfigError(
+                        f"experiment {exp.name!r}, stage {stage.name!r}: training.{key}",
+                        f"mixed precision needs a GPU and {where}",
+                        "remove it for CPU runs, or set gpus: 1 on the stage when the jobs run on GPU nodes",
+                    )

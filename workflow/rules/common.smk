@@ -23,7 +23,11 @@ use_this_python_for_jobs()
 RAW_CONFIG = effective_config(
     config, workflow.overwrite_configfiles, workflow.config_settings.overwrite_config
 )
-PLAN = plan_or_exit(RAW_CONFIG, RESULTS)
+PLAN = plan_or_exit(
+    RAW_CONFIG,
+    RESULTS,
+    configfiles=workflow.overwrite_configfiles or workflow.configfiles,
+)
 DEFAULT_GPUS = default_gpus()
 validate(RAW_CONFIG, SCHEMA, set_default=False)
 PLAN.write_specs()
