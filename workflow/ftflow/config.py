@@ -988,6 +988,49 @@ def _add_baselines(raw, experiments, models, datasets, smoke, data_id_for, defau
         )
 
 
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that records keys given twice in one mapping (PyYAML keeps the last silently)."""
+
+    duplicates: list
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    self.duplicates.append((key, seen[key], key_node.start_mark.line + 1))
+                else:
+                    seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # unhashable key: the schema will reject it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_duplicate_keys(path: str) -> None:
+    """Raise a ConfigError for a key that appears twice in one mapping of a YAML file.
+
+    Two experiments with the same name would otherwise be one experiment, the
+    last one, without a word.
+    """
+    with open(path, encoding="utf-8") as handle:
+        loader = _DuplicateKeyLoader(handle)
+        loader.duplicates = []
+        try:
+            loader.get_single_data()
+        except yaml.YAMLError:
+            return  # Snakemake reports syntax errors itself
+        finally:
+            loader.dispose()
+    if loader.duplicates:
+        key, first, second = loader.duplicates[0]
+        raise ConfigError(
+            f"{path}:{second}",
+            f"key {key!r} is given twice (lines {first} and {second}); YAML would keep only the last",
+            "rename one of them",
+        )
+
+
 def load_workflow_config(configfiles: list[str], overrides: dict | None = None) -> dict:
     """Merge config files in order, then command-line overrides (as Snakemake does)."""
     merged: dict = {}
