@@ -77,19 +77,6 @@ class FtflowTrainer(Trainer):
         return loss
 
 
-class RunLog(TrainerCallback):
-    """Keeps the loss curve and timings for train_metrics.json."""
-
-    def __init__(self):
-        self.history: list[dict] = []
-        self.start = time.time()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            self.history.append(entry)
-
-
 class DivergenceGuard(TrainerCallback):
     """Stops a stage whose loss is NaN/inf or exceeds `factor` x its starting value."""
 
@@ -215,7 +202,6 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    run_log = RunLog()
     trainer = FtflowTrainer(
         model=model,
         args=args,
@@ -223,7 +209,7 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[run_log, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tb_dir))],
+        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tb_dir))],
     )
     guard = DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"])
     trainer.add_callback(guard)
@@ -244,6 +230,9 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         with atomic_dir(target) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+    # The trainer state carries the log of the steps before a resume too, so a
+    # resumed stage reports its whole loss curve.
+    history = [h for h in trainer.state.log_history if "step" in h]
     extra = {
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
@@ -256,10 +245,10 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         "tokens_per_second": round(trainer.tokens_seen / wall, 2) if wall > 0 else None,
         "label_tokens_per_second": round(trainer.label_tokens_seen / wall, 2) if wall > 0 else None,
         "train_loss": result.training_loss,
-        "final_loss": next((h["loss"] for h in reversed(run_log.history) if "loss" in h), None),
-        "losses": [{"step": h["step"], "loss": h["loss"]} for h in run_log.history if "loss" in h],
-        "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in run_log.history if "eval_loss" in h],
-        "log_history": run_log.history,
+        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        "losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "log_history": history,
         "trainable_parameters": trainable["trainable"],
         "total_parameters": trainable["total"],
         **_peak_memory_mb(device),
