@@ -1,7 +1,8 @@
-"""exact_match: the prediction equals the reference.
+"""exact_match: the prediction equals the reference, 0-1.
 
-References that parse as JSON are compared as JSON values (key order and
-whitespace do not matter); others are compared as whitespace-stripped text.
+References that parse as JSON are compared as JSON values, so key order and
+whitespace do not matter; other references are compared as text with leading
+and trailing whitespace stripped (case and inner spacing count).
 """
 
 import json
@@ -10,18 +11,19 @@ import datasets
 import evaluate
 
 
-def _normal(text):
+def canonical(text):
+    """('json', canonical dump) when `text` parses as JSON, else ('text', stripped text)."""
     text = text.strip()
     try:
-        return ("json", json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False))
+        return "json", json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False)
     except ValueError:
-        return ("text", text)
+        return "text", text
 
 
 class ExactMatch(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description="Fraction of predictions equal to their reference (as JSON when the reference is JSON).",
+            description="Fraction of predictions equal to their reference (as JSON values when the reference is JSON).",
             citation="",
             inputs_description="predictions: list of str; references: list of str",
             features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
@@ -30,7 +32,7 @@ class ExactMatch(evaluate.Metric):
     def _compute(self, predictions, references):
         scores = []
         for prediction, reference in zip(predictions, references):
-            kind, ref = _normal(reference)
-            pred = _normal(prediction)[1] if kind == "json" else prediction.strip()
-            scores.append(float(pred == ref))
+            kind, expected = canonical(reference)
+            got = canonical(prediction)[1] if kind == "json" else prediction.strip()
+            scores.append(float(got == expected))
         return {"exact_match": sum(scores) / len(scores) if scores else 0.0, "per_example": scores}
