@@ -1,8 +1,12 @@
 """evaluate: loss, perplexity and task metrics of an experiment's final model.
 
-  loss/perplexity   on the loss split, packed batches (no padding), summed over label tokens
-  generation        on the eval split, left-padded batches sorted by prompt length,
-                    greedy (or configured sampling) decoding
+    load model -> loss on packed batches -> generate -> score -> write
+
+  loss/perplexity   on `eval.loss_split` (falling back to `eval.split`), packed
+                    rows (no padding), cross-entropy summed over label tokens
+  generation        on `eval.split`, left-padded batches of prompts sorted by
+                    length, greedy (or configured sampling), stopping at the
+                    tokenizer's eos or the chat template's end-of-turn token
   task metrics      ftflow's `evaluate` modules, loaded by path
 Writes predictions.jsonl, then metrics.json (the completion marker).
 """
@@ -21,24 +25,32 @@ import torch.nn.functional as F
 from . import models
 from .atomic import read_json, write_json, write_text
 from .config import content_hash
+from .errors import StageError
 from .metrics import compute as compute_metric
 from .packing import packing_collator
 from .provenance import provenance
 
 log = logging.getLogger("ftflow.eval")
 
+# Tokens per packed forward pass of the loss computation: large enough to keep
+# the matmuls busy, small enough that the (tokens x vocab) logits of the
+# labelled positions stay well under a GiB in fp32 for a 150k vocabulary.
 PACKED_TOKENS_PER_BATCH = 4096
+ANSWER_MARKER = "ftflow-answer-marker"
 
 
-def _load_split(data_dir: str, split: str):
+def load_split(data_dir: str, split: str):
     from datasets import load_from_disk
 
     path = os.path.join(data_dir, split)
     return load_from_disk(path) if os.path.isdir(path) else None
 
 
+# --------------------------------------------------------------------------- loss
+
+
 def packed_batches(dataset, max_tokens: int = PACKED_TOKENS_PER_BATCH):
-    """Greedy runs of consecutive examples up to max_tokens, each flattened into one row."""
+    """Runs of consecutive examples up to max_tokens, each flattened into one row."""
     collator = packing_collator()
     batch, size = [], 0
     for row in dataset:
@@ -53,9 +65,15 @@ def packed_batches(dataset, max_tokens: int = PACKED_TOKENS_PER_BATCH):
 
 
 @torch.no_grad()
-def dataset_loss(model, dataset, device: str) -> dict:
+def dataset_loss(model, dataset, device: str, max_tokens: int = PACKED_TOKENS_PER_BATCH) -> dict:
+    """Mean cross-entropy per label token (nats) and its exp, over the whole split.
+
+    The collator masks the first label of every example, so no example is
+    scored on predicting its first token from the end of the one before it;
+    the LM head runs only on positions that predict a label.
+    """
     total, count = 0.0, 0
-    for batch in packed_batches(dataset):
+    for batch in packed_batches(dataset, max_tokens):
         labels = batch.pop("labels").to(device)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         targets = labels[0, 1:]
@@ -65,23 +83,68 @@ def dataset_loss(model, dataset, device: str) -> dict:
         logits = model(**batch, logits_to_keep=keep, use_cache=False).logits[0].float()
         total += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
         count += int(keep.numel())
-    loss = total / count if count else float("nan")
-    return {"eval_loss": loss, "perplexity": math.exp(loss) if count and loss < 50 else float("inf"), "eval_label_tokens": count}
+    if not count:
+        return {"eval_loss": None, "perplexity": None, "eval_label_tokens": 0}
+    loss = total / count
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = float("inf")
+    return {"eval_loss": loss, "perplexity": perplexity, "eval_label_tokens": count}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def chat_end_of_turn(tokenizer) -> int | None:
+    """The special token the chat template puts after an assistant answer (<|im_end|>, <|eot_id|>, ...).
+
+    Many base models' tokenizers name a different eos (<|endoftext|>), and a
+    model trained on chat rows learns to end its answer with the template's
+    end-of-turn token: decoding must stop there too.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": ANSWER_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that needs other roles or arguments: no end-of-turn to learn from it
+        return None
+    if not isinstance(text, str) or ANSWER_MARKER not in text:
+        return None
+    tail = text.split(ANSWER_MARKER, 1)[1]
+    special = set(tokenizer.all_special_ids)
+    return next((i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends an answer: the model's and tokenizer's eos, and the chat end-of-turn."""
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    for value in (configured if isinstance(configured, list) else [configured]) + [tokenizer.eos_token_id, chat_end_of_turn(tokenizer)]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
 
 
 @torch.no_grad()
-def generate_all(model, tokenizer, prompts: list[list[int]], spec: dict, device: str) -> list[str]:
-    """Batched, left-padded decoding; returns the generated text per prompt, in input order."""
+def generate_ids(model, tokenizer, prompts: list[list[int]], spec: dict, device: str) -> list[dict]:
+    """Batched, left-padded decoding; per prompt (in input order) the new token ids up to the stop token.
+
+    Prompts are sorted by length so a batch wastes little padding. Left padding
+    with an attention mask lets every row's answer start right after its own
+    prompt; generate() derives position ids from the mask, so a padded row
+    sees the same positions as when run alone.
+    """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    outputs: list[str] = [""] * len(prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_kwargs = dict(
-        max_new_tokens=spec["max_new_tokens"],
-        do_sample=spec["do_sample"],
-        pad_token_id=pad,
-    )
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    gen_kwargs = dict(max_new_tokens=spec["max_new_tokens"], do_sample=spec["do_sample"], pad_token_id=pad, eos_token_id=stops)
     if spec["do_sample"]:
         gen_kwargs.update(temperature=spec["temperature"], top_p=spec["top_p"])
+    else:  # a model's generation_config may ask for sampling settings greedy decoding ignores
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    results: list[dict] = [{}] * len(prompts)
     for start in range(0, len(order), spec["batch_size"]):
         chunk = order[start : start + spec["batch_size"]]
         width = max(len(prompts[i]) for i in chunk)
@@ -93,78 +156,106 @@ def generate_all(model, tokenizer, prompts: list[list[int]], spec: dict, device:
             mask[row, width - n :] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
         for row, i in enumerate(chunk):
-            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return outputs
+            new = out[row, width:].tolist()
+            end = next((j for j, token in enumerate(new) if token in stops), None)
+            results[i] = {"ids": new[:end] if end is not None else new, "stopped": end is not None}
+    return results
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def score(experiment: str, names, predictions: list[str], references: list[str]) -> tuple[dict, dict]:
+    """(corpus-level metrics, {metric: per-example scores}); a metric that fails names itself."""
+    task: dict = {}
+    per_example: dict = {}
+    if not predictions:
+        return task, per_example
+    for name in names:
+        try:
+            out = compute_metric(name, predictions, references)
+        except ValueError as err:
+            raise StageError(experiment, None, f"eval.metrics: {name} cannot score this dataset: {err}") from err
+        per_example[name] = out.pop("per_example")
+        task.update(out)
+    return task, per_example
 
 
 def evaluate_experiment(config_path: str, model_dir: str, data_dir: str, out_dir: str) -> dict:
     experiment = read_json(config_path)
-    spec = experiment["eval"]
+    name, spec = experiment["name"], experiment["eval"]
     metrics_path = os.path.join(out_dir, "metrics.json")
     predictions_path = os.path.join(out_dir, "predictions.jsonl")
     os.makedirs(out_dir, exist_ok=True)
-    base = {
-        "experiment": experiment["name"],
+    result = {
+        "experiment": name,
         "baseline": experiment["baseline"],
         "dataset": spec["dataset"],
         "split": spec["split"],
         "primary_metric": spec["primary_metric"],
     }
     status = models.read_status(model_dir)
-    if status != "ok":
+    if status != "ok":  # the model diverged upstream: nothing to evaluate, and the status says why
+        reason = read_json(os.path.join(model_dir, models.STATUS_FILE)).get("reason")
         write_text(predictions_path, "")
-        result = {**base, "status": status, "reason": read_json(os.path.join(model_dir, models.STATUS_FILE)).get("reason")}
+        result.update(status=status, reason=reason)
         write_json(metrics_path, {**result, "provenance": provenance(content_hash(experiment))})
         return result
+    result["status"] = "ok"
 
-    torch.manual_seed(0)
+    # 1. model
+    torch.manual_seed(0)  # sampling, when configured, is reproducible
     device = models.device_type()
     model = models.load_model(model_dir, torch.float32, device)
     model.eval()
     tokenizer = models.load_tokenizer(model_dir)
 
-    result = {**base, "status": "ok"}
-    loss_data = _load_split(data_dir, spec["loss_split"]) or _load_split(data_dir, spec["split"])
+    # 2. loss and perplexity
+    loss_split = spec["loss_split"] if load_split(data_dir, spec["loss_split"]) is not None else spec["split"]
+    loss_data = load_split(data_dir, loss_split)
     if loss_data is not None and len(loss_data):
-        result.update(dataset_loss(model, loss_data, device))
-        result["loss_split"] = spec["loss_split"] if _load_split(data_dir, spec["loss_split"]) is not None else spec["split"]
+        result.update(dataset_loss(model, loss_data, device), loss_split=loss_split)
 
-    test = _load_split(data_dir, spec["split"])
+    # 3. generation
+    test = load_split(data_dir, spec["split"])
     rows = []
     if test is not None and "prompt_ids" in test.column_names:
         if spec["max_examples"]:
             test = test.select(range(min(spec["max_examples"], len(test))))
-        prompts = list(test["prompt_ids"])
-        references = list(test["reference"])
+        prompts, references = list(test["prompt_ids"]), list(test["reference"])
         started = time.time()
-        predictions = generate_all(model, tokenizer, prompts, spec, device)
+        generated = generate_ids(model, tokenizer, prompts, spec, device)
         seconds = time.time() - started
+        predictions = [tokenizer.decode(g["ids"], skip_special_tokens=True).strip() for g in generated]
         result["generation"] = {
             "examples": len(prompts),
             "seconds": round(seconds, 2),
             "examples_per_second": round(len(prompts) / seconds, 3) if seconds else None,
             "max_new_tokens": spec["max_new_tokens"],
             "do_sample": spec["do_sample"],
+            "stop_token_ids": stop_token_ids(tokenizer, model.generation_config),
+            # answers cut off by max_new_tokens before they ended: raise it if this is not 0
+            "hit_max_new_tokens": sum(not g["stopped"] for g in generated),
         }
-        scores: dict[str, list] = {}
-        task = {}
-        for name in spec["metrics"]:
-            out = compute_metric(name, predictions, references)
-            scores[name] = out.pop("per_example")
-            task.update(out)
-        result["metrics"] = task
-        for i, (prompt, reference, prediction) in enumerate(zip(prompts, references, predictions)):
+
+        # 4. task metrics
+        result["metrics"], per_example = score(name, spec["metrics"], predictions, references)
+        for i, (prompt, reference, prediction, gen) in enumerate(zip(prompts, references, predictions, generated)):
             rows.append(
                 {
                     "index": i,
                     "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
                     "reference": reference,
                     "prediction": prediction,
-                    "scores": {name: values[i] for name, values in scores.items()},
+                    "new_tokens": len(gen["ids"]),
+                    "stopped": gen["stopped"],
+                    "scores": {metric: values[i] for metric, values in per_example.items()},
                 }
             )
     primary = spec["primary_metric"]
     result["primary_value"] = (result.get("metrics") or {}).get(primary, result.get(primary))
+
+    # 5. write: predictions first, metrics.json last (it marks the step complete)
     write_text(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_json(metrics_path, {**result, "provenance": provenance(content_hash(experiment))})
     return result

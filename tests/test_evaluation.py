@@ -1,0 +1,139 @@
+"""Evaluation: packed loss equals per-example loss, batched greedy equals one-at-a-time, decoding stops at end-of-turn."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ftflow.evaluation import chat_end_of_turn, dataset_loss, generate_ids, stop_token_ids
+from ftflow.packing import PACKED_ATTENTION
+from ftflow.prepare import tiny_model
+
+GREEDY = {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
+
+
+def tiny_llama(attention: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attention,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def labelled_rows() -> Dataset:
+    """Rows of different lengths; the first tokens of each (the prompt) carry no label."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for length, prompt in [(9, 4), (5, 2), (14, 6), (7, 7 - 3), (11, 1)]:
+        ids = torch.randint(3, 101, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return Dataset.from_list(rows)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attention", [PACKED_ATTENTION, "sdpa"])
+@pytest.mark.parametrize("max_tokens", [4096, 16])  # one packed row, and several (16 tokens force a split)
+def test_packed_loss_equals_per_example_loss(attention, max_tokens):
+    model = tiny_llama(attention)
+    rows = labelled_rows()
+    total, count = 0.0, 0
+    for row in rows:  # each example alone, no packing: HF's own shift-and-ignore convention
+        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        targets = torch.tensor(row["labels"][1:])
+        total += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+        count += int((targets != -100).sum())
+    out = dataset_loss(model, rows, "cpu", max_tokens=max_tokens)
+    assert out["eval_label_tokens"] == count == sum(len(r["input_ids"]) - p for r, p in zip(rows, [4, 2, 6, 4, 1]))
+    assert out["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert out["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+def test_packed_loss_would_differ_if_examples_saw_each_other():
+    """The check above can fail: scoring the rows as one unbroken sequence gives another loss."""
+    model = tiny_llama(PACKED_ATTENTION)
+    rows = labelled_rows()
+    joined = Dataset.from_list([{"input_ids": sum(rows["input_ids"], []), "labels": sum(rows["labels"], [])}])
+    apart, joined_loss = dataset_loss(model, rows, "cpu")["eval_loss"], dataset_loss(model, joined, "cpu")["eval_loss"]
+    assert abs(joined_loss - apart) > 1e-3  # about 4e-3 here, some 80x the tolerance of the equality above
+
+
+@pytest.fixture(scope="module")
+def smoke_model_and_tokenizer(embedded_tokenizer):
+    """The smoke-mode stand-in: a tiny random llama with the embedded SmolLM2 tokenizer."""
+    model = tiny_model("llama", embedded_tokenizer, seed=3).eval()
+    model.config._attn_implementation = PACKED_ATTENTION  # what evaluation loads on a CPU
+    return model, embedded_tokenizer
+
+
+def chat_prompts(tokenizer) -> list[list[int]]:
+    questions = ["Map `Veh. Type`.", "Map these headers: 排放标准, EF (g/km), Year, Fuel type, Region code.", "Hi", "Map `NOx`, `PM2.5`."]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for q in questions
+    ]
+
+
+def test_batched_greedy_equals_one_at_a_time(smoke_model_and_tokenizer):
+    model, tokenizer = smoke_model_and_tokenizer
+    prompts = chat_prompts(tokenizer)
+    assert len({len(p) for p in prompts}) == len(prompts), "prompts of different lengths, so the batch is padded"
+    batched = generate_ids(model, tokenizer, prompts, {**GREEDY, "batch_size": 4}, "cpu")
+    alone = generate_ids(model, tokenizer, prompts, {**GREEDY, "batch_size": 1}, "cpu")
+    assert [b["ids"] for b in batched] == [a["ids"] for a in alone]
+    assert all(len(a["ids"]) > 0 for a in alone)
+
+
+def test_right_padding_would_change_the_answers(smoke_model_and_tokenizer):
+    """The equality above is not vacuous: with padding after the prompt the short prompts' answers change."""
+    model, tokenizer = smoke_model_and_tokenizer
+    prompts = chat_prompts(tokenizer)
+    alone = generate_ids(model, tokenizer, prompts, {**GREEDY, "batch_size": 1}, "cpu")
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad)
+    assert any(out[i, width : width + len(a["ids"])].tolist() != a["ids"] for i, a in enumerate(alone))
+
+
+def always_emits(model, token_id: int):
+    """A copy of `model` whose LM head puts all probability on one token."""
+    rigged = copy.deepcopy(model)
+    head = torch.nn.Linear(rigged.config.hidden_size, rigged.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.fill_(-10.0)
+        head.bias[token_id] = 10.0
+    rigged.lm_head = head
+    rigged.config.tie_word_embeddings = False
+    return rigged
+
+
+def test_decoding_stops_at_the_chat_end_of_turn_even_when_eos_differs(smoke_model_and_tokenizer):
+    model, tokenizer = smoke_model_and_tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    base_tokenizer = copy.deepcopy(tokenizer)
+    base_tokenizer.eos_token = "<|endoftext|>"  # as many base models' tokenizers name it
+    assert base_tokenizer.eos_token_id != end_of_turn
+    assert chat_end_of_turn(base_tokenizer) == end_of_turn
+    assert set(stop_token_ids(base_tokenizer)) == {base_tokenizer.eos_token_id, end_of_turn}
+
+    prompts = chat_prompts(tokenizer)[:2]
+    rigged = always_emits(model, end_of_turn)
+    rigged.generation_config.eos_token_id = None  # only ftflow's own stop list can stop it
+    stopped = generate_ids(rigged, base_tokenizer, prompts, {**GREEDY, "batch_size": 2}, "cpu")
+    assert stopped == [{"ids": [], "stopped": True}] * 2
+
+    word = tokenizer.convert_tokens_to_ids("Paris") if "Paris" in tokenizer.get_vocab() else 1000
+    running = generate_ids(always_emits(model, word), base_tokenizer, prompts, {**GREEDY, "batch_size": 2}, "cpu")
+    assert running == [{"ids": [word] * 8, "stopped": False}] * 2
