@@ -69,7 +69,29 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def _job_gpus(gpus: int | None, who: str):
+    """Hold the job's GPU slots (gpu_slots.py) when the rule passed --gpus; otherwise change nothing."""
+    import contextlib
+
+    from .gpu_slots import gpus_for_job
+
+    return contextlib.nullcontext() if gpus is None else gpus_for_job(gpus, who)
+
+
 def cmd_train(args) -> int:
+    from . import launch
+    from .atomic import read_json
+
+    if args.gpus is None or launch.is_data_parallel_worker():
+        return _train(args)  # torchrun's workers: the launcher already holds the slots
+    who = f"experiment {read_json(args.config)['name']!r}, stage {args.stage!r} (gpus: {args.gpus})"
+    with _job_gpus(args.gpus, who) as slots:
+        if args.gpus > 1:
+            return launch.run_data_parallel(args.gpus, args.argv, slots)
+        return _train(args)
+
+
+def _train(args) -> int:
     from .train import train_stage
 
     _threads(args.threads)
@@ -79,19 +101,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from .atomic import read_json
     from .merge import merge_stage
 
     _threads(args.threads)
-    result = merge_stage(args.metrics, args.base, args.out)
+    metrics = read_json(args.metrics)
+    with _job_gpus(args.gpus, f"experiment {metrics['experiment']!r}, stage {metrics['stage']!r} merge"):
+        result = merge_stage(args.metrics, args.base, args.out)
     logging.info("merge: %s", result)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from .atomic import read_json
     from .evaluation import evaluate_experiment
 
     _threads(args.threads)
-    result = evaluate_experiment(args.config, args.model, args.data, args.out)
+    with _job_gpus(args.gpus, f"experiment {read_json(args.config)['name']!r}, eval"):
+        result = evaluate_experiment(args.config, args.model, args.data, args.out)
     shown = {k: v for k, v in result.items() if k in ("status", "eval_loss", "perplexity", "metrics", "primary_value")}
     logging.info("eval: %s", json.dumps(shown, default=str)[:2000])
     return 0
@@ -141,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the stage's folder")
     p.add_argument("--adapter", help="adapter to continue (init_from: adapter)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices; more than 1 trains data-parallel with torchrun")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="merge a stage's adapter into its base")
@@ -148,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
+    p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices (0: none)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evaluate", help="evaluate an experiment's final model")
@@ -156,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
+    p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="write the comparison table and plots")
@@ -171,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a data-parallel launch re-runs the same command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return args.func(args)

@@ -784,6 +784,7 @@ def _resolve_stage(
         raise ConfigError(f"{path}.lora.r", f"must be >= 1, got {lora['r']}")
     if index == 0 and init_from == "adapter":
         raise ConfigError(f"{path}.init_from", "the first stage has no previous adapter to continue", "use 'merged' (the default)")
+    _check_data_parallel(f"{path}.gpus", merged.get("gpus"), training)
     name = merged.get("name") or ("train" if merged.get("_single") else f"stage{index + 1}")
     check_name(f"{path}.name", name, "stage")
     if name in ("eval", "config.json"):
@@ -807,6 +808,18 @@ def _resolve_stage(
         gpus=merged.get("gpus"),
     )
     return stage, dataset
+
+
+def _check_data_parallel(path: str, gpus: int | None, training: dict) -> None:
+    """A stage on k > 1 GPUs must split its effective batch evenly over them (launch.py)."""
+    from .launch import BatchSplitError, per_process_batch
+
+    if not gpus or gpus <= 1:
+        return
+    try:
+        per_process_batch(int(training["per_device_train_batch_size"]), int(training.get("gradient_accumulation_steps", 1)), gpus)
+    except BatchSplitError as err:
+        raise ConfigError(path, str(err), "the effective batch stays what the config says on any number of GPUs") from None
 
 
 def normalize_raw(raw: dict | None) -> dict:

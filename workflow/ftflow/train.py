@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import models
 from .atomic import atomic_dir, read_json, write_json
 from .errors import FtflowError, StageError
+from .launch import data_parallel_training_values
 from .packing import packing_collator
 from .provenance import provenance
 
@@ -71,6 +72,10 @@ class FtflowTrainer(Trainer):
         if num_items_in_batch is not None:
             self.loss_is_scaled_for_ga = True
             loss = loss / num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # num_items_in_batch counts every process's tokens and DDP averages the
+                # gradients over processes: scale back up, as Trainer.compute_loss does.
+                loss = loss * self.accelerator.num_processes
         else:
             self.loss_is_scaled_for_ga = False
             loss = loss / max(int(keep.numel()), 1)
@@ -165,7 +170,9 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     exp_name = experiment["name"]
     metrics_path = os.path.join(out_dir, "train_metrics.json")
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(metrics_path):
+    # Data-parallel (launch.py): every process runs this function; only rank 0 writes the stage's files.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a stale marker must never outlive the run that replaces it
 
     base_status = models.read_status(base_dir)
@@ -174,6 +181,8 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
 
     device = models.device_type()
     models.check_precision(stage, device, exp_name)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one device per data-parallel process
     torch.manual_seed(stage["training"].get("seed", 42))
 
     # 1. model
@@ -189,13 +198,16 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     tb_dir = os.path.join(out_dir, "tb")
     stamp = {"config_hash": models.stage_fingerprint(experiment, stage), "base": os.path.abspath(base_dir)}
-    resume = _last_checkpoint(ckpt_dir, stamp)
-    if resume is None and os.path.isdir(tb_dir):
-        shutil.rmtree(tb_dir)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    write_json(os.path.join(ckpt_dir, STAGE_STAMP), stamp)
-
     args = build_training_arguments(stage, ckpt_dir, eval_data is not None, f"{exp_name}/{stage_name}", device)
+    # Rank 0 clears stale checkpoints first; the other processes then find the same checkpoint.
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        resume = _last_checkpoint(ckpt_dir, stamp)
+        if is_main:
+            if resume is None and os.path.isdir(tb_dir):
+                shutil.rmtree(tb_dir)
+            os.makedirs(ckpt_dir, exist_ok=True)
+            write_json(os.path.join(ckpt_dir, STAGE_STAMP), stamp)
+
     if stage["method"] == "adalora":
         models.set_adalora_total_step(model, stage, len(train_data), args, exp_name)
 
@@ -209,7 +221,7 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tb_dir))],
+        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tb_dir))] if is_main else [],
     )
     guard = DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"])
     trainer.add_callback(guard)
@@ -225,6 +237,9 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
 
     # 4. save
     status = "diverged" if guard.reason else "ok"
+    tokens_seen, label_tokens_seen = _sum_over_processes(trainer, trainer.tokens_seen, trainer.label_tokens_seen)
+    if not is_main:
+        return {"status": status, "rank": args.process_index}
     if status == "ok":
         target = os.path.join(out_dir, "model" if stage["method"] == "full" else "adapter")
         with atomic_dir(target) as tmp:
@@ -239,11 +254,17 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         "resumed_from_step": resumed_from,
         "epochs": trainer.state.epoch,
         "train_examples": len(train_data),
-        "tokens": trainer.tokens_seen,
-        "label_tokens": trainer.label_tokens_seen,
+        "tokens": tokens_seen,
+        "label_tokens": label_tokens_seen,
         "wall_seconds": round(wall, 2),
-        "tokens_per_second": round(trainer.tokens_seen / wall, 2) if wall > 0 else None,
-        "label_tokens_per_second": round(trainer.label_tokens_seen / wall, 2) if wall > 0 else None,
+        "tokens_per_second": round(tokens_seen / wall, 2) if wall > 0 else None,
+        "label_tokens_per_second": round(label_tokens_seen / wall, 2) if wall > 0 else None,
+        "data_parallel": {
+            "processes": args.world_size,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        },
         "train_loss": result.training_loss,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
@@ -263,8 +284,17 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     return _write_metrics(metrics_path, experiment, stage, status=status, **extra)
 
 
+def _sum_over_processes(trainer: Trainer, *counts: int) -> list[int]:
+    """Counts summed over the data-parallel processes (each counts only the batches it saw)."""
+    if trainer.args.world_size <= 1:
+        return list(counts)
+    total = trainer.accelerator.reduce(torch.tensor(counts, device=trainer.args.device), reduction="sum")
+    return [int(x) for x in total.tolist()]
+
+
 def build_training_arguments(stage: dict, output_dir: str, has_eval: bool, run_name: str, device: str) -> TrainingArguments:
-    values = dict(stage["training"])
+    # With k data-parallel processes each takes 1/k of the configured effective batch (launch.py).
+    values = data_parallel_training_values(dict(stage["training"]), int(os.environ.get("WORLD_SIZE", "1")))
     values.setdefault("logging_nan_inf_filter", False)  # a NaN must show in the log, not be averaged away
     if not has_eval:
         values["eval_strategy"] = "no"

@@ -22,4 +22,4 @@ rule evaluate:
         out=lambda w: f"{RESULTS}/{w.experiment}/eval",
     shell:
         "ftflow evaluate --config {input.config} --model {input.model} --data {input.data}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        " --out {params.out} --threads {threads} --gpus {resources.gpu} > {log} 2>&1"

@@ -11,7 +11,10 @@ rule merge:
         "../../envs/ftflow.yaml"
     threads: 1 if PLAN.smoke else 2
     resources:
+        # Merging runs on the CPU (fp32 weights), so it holds no GPU slot and sees no device.
+        gpu=0,
         mem_mb=16000,
         runtime=60,
     shell:
-        "ftflow merge --metrics {input.metrics} --base {input.base} --out {output} --threads {threads} > {log} 2>&1"
+        "ftflow merge --metrics {input.metrics} --base {input.base} --out {output} --threads {threads}"
+        " --gpus {resources.gpu} > {log} 2>&1"

@@ -23,4 +23,5 @@ rule train:
         out=lambda w: f"{RESULTS}/{w.experiment}/{w.stage}",
     shell:
         "ftflow train --config {input.config} --stage {wildcards.stage} --base {input.base}"
-        " --data {input.data} --out {params.out} {params.adapter} --threads {threads} > {log} 2>&1"
+        " --data {input.data} --out {params.out} {params.adapter} --threads {threads}"
+        " --gpus {resources.gpu} > {log} 2>&1"
