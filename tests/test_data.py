@@ -1,18 +1,33 @@
-"""Tokenization: label masks checked token by token on the embedded model's real chat template."""
+"""Tokenization: label masks token by token on the embedded model's real chat template,
+every kind, every drop reason, and stats.json from a real `tokenize` run."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from ftflow.data import IGNORE, Encoder, RowError, cut_splits, split_template
+from ftflow.data import IGNORE, Encoder, RowError, split_template, template_columns, tokenize
+from ftflow.errors import FtflowError
+from ftflow.sources import SourceRow
 
-CHAT = {"name": "d", "kind": "chat", "max_length": 512, "truncation": "drop"}
+CHAT = {"messages_column": "messages", "loss_on": "assistant", "truncation": "drop"}
+POEM = {"prompt": "请创作一首古诗，主题关于{title}：\n", "completion": "{content}", "loss_on": "completion", "truncation": "drop"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(embedded_tokenizer, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    embedded_tokenizer.save_pretrained(folder)
+    return folder
 
 
 def labelled_text(tokenizer, record) -> str:
     return tokenizer.decode([t for t, l in zip(record["input_ids"], record["labels"]) if l != IGNORE])
+
+
+# --------------------------------------------------------------------------- chat
 
 
 def test_chat_labels_only_assistant_turns(embedded_tokenizer):
@@ -23,78 +38,244 @@ def test_chat_labels_only_assistant_turns(embedded_tokenizer):
         {"role": "user", "content": "And c?"},
         {"role": "assistant", "content": '{"c": "y"}'},
     ]
-    record = Encoder(embedded_tokenizer, CHAT, 512).encode({"messages": messages})
+    record = Encoder(embedded_tokenizer, "chat", CHAT, 512).encode({"messages": messages})
     ids, labels = record["input_ids"], record["labels"]
     assert len(ids) == len(labels)
-    # token by token: a label is either IGNORE or the token itself
+    # token by token: a label is IGNORE or the token itself, and exactly the answers' tokens are labelled
     assert all(l in (IGNORE, t) for t, l in zip(ids, labels))
-    assert labelled_text(embedded_tokenizer, record) == '{"a": "x"}<|im_end|>\n{"c": "y"}<|im_end|>\n'
-    # system and user text carry no label
+    answer_ids = [embedded_tokenizer(a + "<|im_end|>\n", add_special_tokens=False)["input_ids"] for a in ('{"a": "x"}', '{"c": "y"}')]
+    assert [t for t, l in zip(ids, labels) if l != IGNORE] == answer_ids[0] + answer_ids[1]
+    runs = [i for i in range(len(labels)) if labels[i] != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
+    assert len(runs) == 2, "two labelled runs, one per assistant turn"
+    assert embedded_tokenizer.decode(ids[: runs[0]]).endswith("<|im_start|>assistant\n")
     ignored = embedded_tokenizer.decode([t for t, l in zip(ids, labels) if l == IGNORE])
-    for text in ("You map headers.", "Headers: a | b", "And c?", "<|im_start|>assistant\n"):
+    for text in ("You map headers.", "Headers: a | b", "And c?"):
         assert text in ignored
     # eval prompt ends with the generation prompt; the reference is the last answer
     prompt = embedded_tokenizer.decode(record["prompt_ids"])
-    assert prompt.endswith("<|im_start|>assistant\n") and '{"c": "y"}' not in prompt
+    assert prompt.endswith("<|im_start|>assistant\n") and '{"c": "y"}' not in prompt and '{"a": "x"}' in prompt
     assert record["reference"] == '{"c": "y"}'
 
 
 def test_chat_loss_on_all(embedded_tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    record = Encoder(embedded_tokenizer, {**CHAT, "loss_on": "all"}, 512).encode({"messages": messages})
+    record = Encoder(embedded_tokenizer, "chat", {**CHAT, "loss_on": "all"}, 512).encode({"messages": messages})
     assert record["labels"] == record["input_ids"]
 
 
-@pytest.mark.parametrize(
-    "row, reason",
-    [
-        ({"other": 1}, "missing_column"),
-        ({"messages": []}, "empty"),
-        ({"messages": [{"role": "user", "content": "only a question"}]}, "empty"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty"),
-        ({"messages": [{"role": "user", "content": "q " * 600}, {"role": "assistant", "content": "a"}]}, "over_length"),
-    ],
+# Like Qwen3's template: only the last assistant turn shows its reasoning block, so
+# rendering the chat up to an earlier turn is not a prefix of the whole chat.
+REWRITING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-def test_chat_bad_rows(embedded_tokenizer, row, reason):
-    with pytest.raises(RowError) as info:
-        Encoder(embedded_tokenizer, CHAT, 512).encode(row)
-    assert info.value.reason == reason
+
+
+def test_chat_template_that_rewrites_earlier_turns(embedded_tokenizer):
+    encoding = {**CHAT, "chat_template": REWRITING_TEMPLATE}
+    messages = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "second answer"},
+    ]
+    record = Encoder(embedded_tokenizer, "chat", encoding, 512).encode({"messages": messages})
+    text = embedded_tokenizer.decode(record["input_ids"])
+    assert text == (
+        "<|im_start|>user\none<|im_end|>\n<|im_start|>assistant\nfirst answer<|im_end|>\n"
+        "<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsecond answer<|im_end|>\n"
+    )
+    assert labelled_text(embedded_tokenizer, record) == "first answer<|im_end|>\n<think>\n\n</think>\n\nsecond answer<|im_end|>\n"
+    assert embedded_tokenizer.chat_template != REWRITING_TEMPLATE, "the caller's tokenizer is left as it was"
 
 
 def test_missing_chat_template_is_a_clear_error(embedded_tokenizer):
-    from ftflow.errors import FtflowError
-
-    tokenizer = embedded_tokenizer
-    saved = tokenizer.chat_template
-    tokenizer.chat_template = None
+    saved = embedded_tokenizer.chat_template
+    embedded_tokenizer.chat_template = None
     try:
-        with pytest.raises(FtflowError, match="chat_template"):
-            Encoder(tokenizer, CHAT, 512)
+        with pytest.raises(FtflowError, match=r"datasets\.colmap\.chat_template: the tokenizer has no chat template"):
+            Encoder(embedded_tokenizer, "chat", CHAT, 512, "colmap")
+        # a supplied template makes the same tokenizer usable
+        record = Encoder(embedded_tokenizer, "chat", {**CHAT, "chat_template": REWRITING_TEMPLATE}, 512).encode(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+        )
+        assert labelled_text(embedded_tokenizer, record) == "<think>\n\n</think>\n\na<|im_end|>\n"
     finally:
-        tokenizer.chat_template = saved
+        embedded_tokenizer.chat_template = saved
+
+
+# --------------------------------------------------------------------------- instruction and text
 
 
 def test_instruction_template_masks_the_prompt(embedded_tokenizer):
-    dataset = {"name": "poems", "kind": "instruction", "template": "请创作一首古诗，主题关于{title}：\n{content}", "max_length": 256}
     row = {"title": "春", "content": "春眠不觉晓，处处闻啼鸟。"}
-    record = Encoder(embedded_tokenizer, dataset, 256).encode(row)
+    record = Encoder(embedded_tokenizer, "instruction", POEM, 256).encode(row)
     assert labelled_text(embedded_tokenizer, record) == "春眠不觉晓，处处闻啼鸟。<|im_end|>"
     assert record["reference"] == "春眠不觉晓，处处闻啼鸟。"
-    assert embedded_tokenizer.decode(record["prompt_ids"]).endswith("请创作一首古诗，主题关于春：\n")
+    prompt_ids = record["prompt_ids"]
+    assert record["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert all(l == IGNORE for l in record["labels"][: len(prompt_ids)])
+    assert embedded_tokenizer.decode(prompt_ids).endswith("请创作一首古诗，主题关于春：\n")
+    everything = Encoder(embedded_tokenizer, "instruction", {**POEM, "loss_on": "all"}, 256).encode(row)
+    assert everything["labels"] == everything["input_ids"] == record["input_ids"]
 
 
-def test_split_template():
+def test_template_split_and_columns():
     assert split_template("请创作一首古诗，主题关于{title}：\n{content}") == ("请创作一首古诗，主题关于{title}：\n", "{content}")
+    assert split_template("{{literal}} {a!r:>4} then {b}") == ("{{literal}} {a!r:>4} then ", "{b}")
+    assert template_columns("{q}\n{a}\n{q}") == ["q", "a"]
+    for bad in ("no placeholder", "{}", "{0}", "{a.b}", "{a", "{a:{w}}"):
+        with pytest.raises(ValueError):
+            split_template(bad)
 
 
-def test_cut_splits_is_deterministic_and_disjoint():
-    rows = [{"i": i} for i in range(100)]
-    first = cut_splits({"train": rows}, {"validation": 10, "test": 0.2, "seed": 3}, "d")
-    again = cut_splits({"train": rows}, {"validation": 10, "test": 0.2, "seed": 3}, "d")
-    assert first == again
-    assert (len(first["train"]), len(first["validation"]), len(first["test"])) == (70, 10, 20)
-    seen = [r["i"] for split in first.values() for r in split]
-    assert sorted(seen) == list(range(100))
+def test_text_is_joined_and_cut_into_full_blocks_without_padding(tokenizer_dir, embedded_tokenizer, tmp_path):
+    docs = ["The first document is about rivers and the sea. " * 3, "A second, shorter one.", "Third: " + "words " * 40]
+    (tmp_path / "corpus").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(doc, encoding="utf-8")
+    spec = write_spec(tmp_path, tokenizer_dir, kind="text", source="corpus/*.txt", encoding={"text_column": "text"}, max_length=16, splits={"validation": 0, "test": 0, "seed": 0})
+    stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(tmp_path / "out" / "train"))
+    eos = embedded_tokenizer.eos_token_id
+    stream = []
+    for doc in docs:
+        stream += embedded_tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+    blocks = [stream[i : i + 16] for i in range(0, len(stream), 16)]
+    assert train["input_ids"] == blocks and train["labels"] == blocks
+    assert all(n == 16 for n in train["length"][:-1]), "every block but the last is full: no padding"
+    split = stats["splits"]["train"]
+    assert (split["rows_in"], split["kept"], split["blocks"], split["tokens"]) == (3, 3, len(blocks), len(stream))
+    assert set(stats["splits"]) == {"train"}, "validation: 0 and test: 0 cut nothing"
+
+
+# --------------------------------------------------------------------------- drop reasons
+
+
+def _messages(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+BAD_ROWS = [
+    ("chat", {"other": 1}, "missing_column"),
+    ("chat", {"messages": []}, "empty"),
+    ("chat", {"messages": _messages(("user", "only a question"))}, "empty"),
+    ("chat", {"messages": _messages(("user", "q"), ("assistant", "  "))}, "empty"),
+    ("chat", {"messages": "not json ["}, "invalid_messages"),
+    ("chat", {"messages": [{"from": "human", "value": "q"}]}, "invalid_messages"),
+    ("chat", {"messages": _messages(("user", "q " * 600), ("assistant", "a"))}, "over_length"),
+    ("chat_strict", {"messages": _messages(("tool", "q"), ("assistant", "a"))}, "template_error"),
+    ("instruction", {"title": "t"}, "missing_column"),
+    ("instruction", {"title": "t", "content": "  \n"}, "empty"),
+    ("instruction", {"title": None, "content": "c"}, "empty"),
+    ("instruction_format", {"n": "not a number", "content": "c"}, "template_error"),
+    ("instruction", {"title": "t", "content": "长" * 600}, "over_length"),
+    ("instruction_truncate", {"title": "题" * 300, "content": "诗"}, "no_label_tokens"),
+    ("text", {"body": "x"}, "missing_column"),
+    ("text", {"text": " "}, "empty"),
+]
+STRICT = "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('unknown role ' + m.role) }}{% endif %}{{ m.content }}{% endfor %}"
+
+
+def _encoder(tokenizer, case: str) -> Encoder:
+    if case == "chat_strict":
+        return Encoder(tokenizer, "chat", {**CHAT, "chat_template": STRICT}, 512)
+    if case == "instruction_format":
+        return Encoder(tokenizer, "instruction", {"prompt": "第{n:d}首：", "completion": "{content}"}, 512)
+    if case == "instruction_truncate":
+        return Encoder(tokenizer, "instruction", {**POEM, "truncation": "truncate"}, 128)
+    kind = case.split("_")[0]
+    encoding = {"chat": CHAT, "instruction": POEM, "text": {"text_column": "text"}}[kind]
+    return Encoder(tokenizer, kind, encoding, 512)
+
+
+@pytest.mark.parametrize("case, row, reason", BAD_ROWS, ids=[f"{c}-{r}" for c, _, r in BAD_ROWS])
+def test_bad_row_is_dropped_with_its_reason(embedded_tokenizer, case, row, reason):
+    result = _encoder(embedded_tokenizer, case).encode_rows([SourceRow("x.jsonl line 7", row)])[0]
+    assert isinstance(result, RowError) and result.reason == reason, result
+
+
+def test_truncate_keeps_the_row_and_says_so(embedded_tokenizer):
+    record = _encoder(embedded_tokenizer, "instruction_truncate").encode({"title": "t", "content": "长" * 600})
+    assert len(record["input_ids"]) == len(record["labels"]) == 128 and record["truncated"]
+    n = len(record["prompt_ids"])
+    assert record["labels"][:n] == [IGNORE] * n and record["labels"][n:] == record["input_ids"][n:]
+
+
+# --------------------------------------------------------------------------- the tokenize step
+
+
+def write_spec(tmp_path: Path, tokenizer_dir: Path, **settings) -> str:
+    spec = {
+        "data_id": "d-test",
+        "dataset": settings.pop("dataset", "poems"),
+        "kind": "instruction",
+        "source": "poems.jsonl",
+        "source_options": {},
+        "encoding": POEM,
+        "splits": {"validation": 1, "test": 1, "seed": 0},
+        "max_length": 64,
+        "row_caps": None,
+        "model_dir": str(tokenizer_dir),
+    }
+    spec.update(settings)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def test_stats_count_every_drop_reason_and_keep_the_rest(tokenizer_dir, tmp_path):
+    good = [{"title": f"题{i}", "content": "春眠不觉晓，处处闻啼鸟。"} for i in range(6)]
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in good]
+    lines += [
+        b'{"title": "no content"}',  # missing_column
+        '{"title": "空", "content": ""}'.encode(),  # empty
+        b'{"title": "\xff\xfe", "content": "x"}',  # not_utf8
+        b"{not json",  # invalid_json
+        json.dumps({"title": "长", "content": "长" * 200}, ensure_ascii=False).encode(),  # over_length
+    ]
+    (tmp_path / "poems.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    spec = write_spec(tmp_path, tokenizer_dir, splits={"validation": 0, "test": 0, "seed": 0})
+    stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    train = stats["splits"]["train"]
+    assert train["rows_in"] == 11 and train["kept"] == 6
+    assert train["dropped"] == {"missing_column": 1, "empty": 1, "not_utf8": 1, "invalid_json": 1, "over_length": 1}
+    assert train["first_dropped"]["missing_column"] == {"row": "poems.jsonl line 7", "detail": "content"}
+    assert train["first_dropped"]["not_utf8"]["row"] == "poems.jsonl line 9"
+    assert train["truncated"] == 0
+    saved = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert saved == json.loads(json.dumps(stats))
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(tmp_path / "out" / "train"))
+    assert {"input_ids", "labels", "length", "prompt_ids", "reference", "source_row"} <= set(data.column_names)
+    assert data["source_row"] == [f"poems.jsonl line {i}" for i in range(1, 7)], "kept rows in source order"
+    assert train["tokens"] == sum(data["length"]) == sum(len(x) for x in data["input_ids"])
+    assert train["label_tokens"] == sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in data["labels"])
+    assert train["lengths"]["count"] == 6 and train["lengths"]["min"] <= train["lengths"]["p50"] <= train["lengths"]["max"]
+
+
+def test_truncated_rows_are_counted(tokenizer_dir, tmp_path):
+    rows = [{"title": "t", "content": "长" * n} for n in (5, 200, 300)]
+    (tmp_path / "poems.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    spec = write_spec(tmp_path, tokenizer_dir, encoding={**POEM, "truncation": "truncate"}, splits={"validation": 0, "test": 0, "seed": 0})
+    train = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))["splits"]["train"]
+    assert (train["kept"], train["truncated"], train["lengths"]["max"]) == (3, 2, 64)
+
+
+def test_a_split_where_every_row_is_bad_names_dataset_column_and_row(tokenizer_dir, tmp_path):
+    rows = [{"titel": "春", "content": "春眠不觉晓"}] * 5
+    (tmp_path / "poems.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    spec = write_spec(tmp_path, tokenizer_dir, splits={"validation": 0, "test": 0, "seed": 0})
+    with pytest.raises(FtflowError) as info:
+        tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    message = str(info.value)
+    assert "datasets.poems" in message and "'title'" in message and "poems.jsonl line 1" in message and "5 x missing_column" in message
+    assert not (tmp_path / "out").exists(), "no output is left behind"
 
 
 def test_generator_is_deterministic_and_splits_do_not_share_rows():

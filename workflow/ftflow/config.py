@@ -10,7 +10,6 @@ transformers, so planning a 500-experiment DAG stays fast.
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import itertools
 import json
@@ -198,6 +197,9 @@ class DataSpec:
     max_length: int
     row_caps: dict | None  # smoke mode: {train: n, validation: n, test: n}
     fingerprint: str  # content hash of the source files or generator args
+    # Everything that changes the tokens, and nothing else: written as the tokenize
+    # job's spec file and hashed into data_id (see tokenization_settings).
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,8 @@ class Plan:
             if write_if_changed(path, spec):
                 written.append(path)
         for data_id, data in self.data.items():
-            spec = asdict(data)
+            # Only what changes the tokens: editing a dataset's metrics rewrites no spec, re-runs no tokenize job.
+            spec = {**data.settings, "data_id": data_id, "dataset": data.dataset.name, "model": data.model}
             spec["model_dir"] = os.path.join(self.results, "models", self.model_dir_name(data.model))
             path = os.path.join(self.results, "data", data_id + ".json")
             if write_if_changed(path, spec):
@@ -662,39 +665,178 @@ def _resolve_dataset(name: str, raw: Any) -> DatasetSpec:
     allowed_loss = {"text": ("all",), "instruction": ("completion", "all"), "chat": ("assistant", "all")}[kind]
     if loss_on is not None and loss_on not in allowed_loss:
         raise ConfigError(f"{path}.loss_on", f"{loss_on!r} does not apply to a {kind} dataset", f"one of {', '.join(allowed_loss)}")
+    _check_dataset_settings(path, values, kind)
     return DatasetSpec(name=name, **values)
 
 
+# Dataset keys that only one kind, or one kind of source, reads: set elsewhere they would do nothing.
+KIND_ONLY_KEYS = {"template": "instruction", "prompt": "instruction", "completion": "instruction", "text_column": "text", "messages_column": "chat", "chat_template": "chat"}
+SOURCE_ONLY_KEYS = {"subset": ("hub", "modelscope"), "revision": ("hub", "modelscope"), "hub_splits": ("hub", "modelscope"), "args": ("generator",)}
+
+
+def _check_dataset_settings(path: str, values: dict, kind: str) -> None:
+    """Template syntax, split settings and keys that fit the kind and the source, before any job."""
+    from .data import template_columns
+    from .sources import SPLITS, check_split_settings
+
+    for key, only in KIND_ONLY_KEYS.items():
+        if values.get(key) is not None and kind != only:
+            raise ConfigError(f"{path}.{key}", f"applies to {only} datasets; this one is {kind}", "remove it or set kind")
+    source = values["source"]
+    scheme = source.partition(":")[0] if isinstance(source, str) and ":" in source else "local"
+    for key, schemes in SOURCE_ONLY_KEYS.items():
+        if values.get(key) and scheme not in schemes:
+            raise ConfigError(f"{path}.{key}", f"applies to {' and '.join(s + ':' for s in schemes)} sources only")
+    if kind == "instruction":
+        if values.get("template") is not None and (values.get("prompt") is not None or values.get("completion") is not None):
+            raise ConfigError(f"{path}.template", "set either 'template' or 'prompt' and 'completion', not both")
+        for key in ("template", "prompt", "completion"):
+            if values.get(key) is not None:
+                try:
+                    columns = template_columns(values[key])
+                except ValueError as err:
+                    raise ConfigError(f"{path}.{key}", f"invalid template: {err}") from None
+                if key == "template" and not columns:
+                    raise ConfigError(f"{path}.template", "the template has no {column} placeholder", "the completion is the text from the last placeholder on")
+    try:
+        values["splits"] = check_split_settings(values.get("splits"))
+    except ValueError as err:
+        raise ConfigError(f"{path}.splits", str(err)) from None
+    if isinstance(source, dict):
+        for split in source:
+            if split not in SPLITS:
+                raise ConfigError(f"{path}.source.{split}", "unknown split", "train, validation or test")
+        if "train" not in source:
+            raise ConfigError(f"{path}.source", "the mapping has no 'train' split")
+        for split in ("validation", "test"):
+            if split in source and split in (values["splits"] or {}):
+                raise ConfigError(f"{path}.splits.{split}", f"the source gives its own {split} split", f"remove splits.{split}")
+    hub_splits = values.get("hub_splits")
+    if hub_splits is not None:
+        if not isinstance(hub_splits, dict) or not all(isinstance(v, str) for v in hub_splits.values()):
+            raise ConfigError(f"{path}.hub_splits", "expected a mapping of ftflow split to the source's split name, e.g. {train: train, test: test}")
+        for split in hub_splits:
+            if split not in SPLITS:
+                raise ConfigError(f"{path}.hub_splits.{split}", "unknown split", "train, validation or test")
+        if "train" not in hub_splits:
+            raise ConfigError(f"{path}.hub_splits", "names no 'train' split", "e.g. {train: train}")
+        for split in ("validation", "test"):
+            if split in hub_splits and split in (values["splits"] or {}):
+                raise ConfigError(f"{path}.splits.{split}", f"hub_splits already names a {split} split", f"remove splits.{split}")
+
+
 def _source_fingerprint(dataset: DatasetSpec, path: str, workdir: str, hashes: "FileHashCache") -> str:
+    """Content hash of the rows a source gives; for local files also checks, cheaply, that they fit the dataset."""
     source = dataset.source
     if isinstance(source, dict):
         parts = {}
         for split, pattern in source.items():
-            if split not in ("train", "validation", "test"):
-                raise ConfigError(f"{path}.source.{split}", "unknown split", "train, validation or test")
-            parts[split] = _files_fingerprint(pattern, f"{path}.source.{split}", workdir, hashes)
+            parts[split] = _files_fingerprint(dataset, pattern, f"{path}.source.{split}", workdir, hashes)
         return content_hash(parts)
     if not isinstance(source, str):
         raise ConfigError(f"{path}.source", "expected a string or a mapping of split to path")
     scheme, _, rest = source.partition(":")
     if scheme in ("hub", "modelscope") and rest:
-        return content_hash({"source": source, "subset": dataset.subset, "revision": dataset.revision})
+        # a hub dataset is named, not hashed: pin `revision` to make its rows fixed
+        return content_hash({"source": source, "subset": dataset.subset, "revision": dataset.revision, "hub_splits": dataset.hub_splits})
     if scheme == "generator" and rest:
+        import inspect
+
         from .generators import GENERATORS
 
         if rest not in GENERATORS:
             raise ConfigError(f"{path}.source", f"unknown generator {rest!r}", f"one of {', '.join(GENERATORS)}")
+        try:
+            inspect.signature(GENERATORS[rest]).bind(**dataset.args)
+        except TypeError as err:
+            raise ConfigError(f"{path}.args", f"generator {rest!r}: {err}") from None
         return content_hash({"generator": rest, "args": dataset.args})
-    return _files_fingerprint(source, f"{path}.source", workdir, hashes)
+    return _files_fingerprint(dataset, source, f"{path}.source", workdir, hashes)
 
 
-def _files_fingerprint(pattern: str, path: str, workdir: str, hashes: "FileHashCache") -> str:
-    full = pattern if os.path.isabs(pattern) else os.path.join(workdir, pattern)
-    files = sorted(glob.glob(full, recursive=True))
-    files = [f for f in files if os.path.isfile(f)]
+def _files_fingerprint(dataset: DatasetSpec, pattern: str, path: str, workdir: str, hashes: "FileHashCache") -> str:
+    from .sources import LOCAL_EXTENSIONS, local_files
+
+    files = local_files(pattern, workdir)
     if not files:
         raise ConfigError(path, f"no file matches {pattern!r}", f"paths are relative to {workdir}")
-    return content_hash([hashes.get(f) for f in files])
+    for file in files:
+        if os.path.splitext(file)[1].lower() not in LOCAL_EXTENSIONS:
+            raise ConfigError(path, f"unsupported file type: {os.path.relpath(file, workdir)}", f"use {', '.join(LOCAL_EXTENSIONS)}")
+    _check_local_columns(dataset, path, files, workdir)
+    # The format (extension) decides how bytes become rows; the file names do not.
+    return content_hash([[os.path.splitext(f)[1].lower(), hashes.get(f)] for f in files])
+
+
+def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
+    """The dataset settings that change its tokens, normalized: the kind's encoding keys
+    (data.ENCODING_KEYS; a template split into prompt and completion, loss_on filled in,
+    a chat template file read), the source and its options, and the split settings.
+    Metrics, primary_metric and keys the kind does not read never reach data_id."""
+    from .data import DEFAULT_LOSS_ON, ENCODING_KEYS, TOKENIZATION_VERSION, split_template
+
+    values = asdict(dataset)
+    if dataset.kind == "instruction" and dataset.template:
+        values["prompt"], values["completion"] = split_template(dataset.template)
+    values["loss_on"] = dataset.loss_on or DEFAULT_LOSS_ON[dataset.kind]
+    values["chat_template"] = _template_text(dataset.chat_template, workdir, f"datasets.{dataset.name}.chat_template")
+    source = dataset.source
+    scheme = source.partition(":")[0] if isinstance(source, str) and ":" in source else "local"
+    options = {key: values[key] for key, schemes in SOURCE_ONLY_KEYS.items() if scheme in schemes}
+    return {
+        "kind": dataset.kind,
+        "source": source,
+        "source_options": options,
+        "encoding": {key: values[key] for key in ENCODING_KEYS[dataset.kind]},
+        "splits": dataset.splits,
+        "version": TOKENIZATION_VERSION,
+    }
+
+
+def _template_text(template: str | None, workdir: str, path: str) -> str | None:
+    """A chat template's text: given inline (it has Jinja braces) or as a file, read here so
+    that editing the file changes data_id and re-tokenizes."""
+    if not template or "{" in template:
+        return template
+    file = template if os.path.isabs(template) else os.path.join(workdir, template)
+    if not os.path.isfile(file):
+        raise ConfigError(path, f"no chat template file {template!r} (and no Jinja braces to be a template itself)", f"paths are relative to {workdir}")
+    with open(file, encoding="utf-8") as handle:
+        return handle.read()
+
+
+PEEK_FILES = 3  # files of a glob whose first rows are checked at config time
+
+
+def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], workdir: str) -> None:
+    """A column the dataset needs that none of a file's first rows has is a config error, before any job."""
+    from .data import template_columns
+    from .sources import peek_columns
+
+    dataset_path = path.split(".source")[0]
+    if dataset.kind == "instruction":
+        templates = [("template", dataset.template)] if dataset.template else [("prompt", dataset.prompt), ("completion", dataset.completion)]
+        needed = [(f"{dataset_path}.{key}", column) for key, text in templates for column in template_columns(text)]
+    elif dataset.kind == "chat":
+        needed = [(f"{dataset_path}.messages_column", dataset.messages_column)]
+    else:
+        needed = [(f"{dataset_path}.text_column", dataset.text_column)]
+    for file in files[:PEEK_FILES]:
+        peeked = peek_columns(file)
+        if peeked is None or not peeked[0]:
+            continue  # unreadable or too large to peek at: tokenization reports it per row
+        rows, unit = peeked
+        present = set().union(*rows)
+        for key, column in needed:
+            if column not in present:
+                hint = _close_match(column, sorted(present))
+                where = os.path.relpath(file, workdir)
+                scope = f"the first {len(rows)} {unit}s of {where}" if len(rows) > 1 else f"{where} ({unit} 1)"
+                raise ConfigError(
+                    key,
+                    f"column {column!r} is in none of {scope}; its columns are {', '.join(sorted(present)) or 'none'}",
+                    f"did you mean {hint!r}?" if hint else None,
+                )
 
 
 class FileHashCache:
@@ -861,16 +1003,16 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
             caps = {"train": smoke["train_rows"], "validation": smoke["eval_rows"], "test": smoke["eval_rows"]}
         model_spec = models[model]
         tokenizer_source = "smoke-tokenizer" if smoke else model_spec.source_text()
-        key = {
-            "dataset": asdict(dataset),
-            "tokenizer": tokenizer_source,
-            "chat_template": model_spec.chat_template,
-            "max_length": max_length,
-            "caps": caps,
+        settings = {
+            **tokenization_settings(dataset, workdir),
             "fingerprint": fingerprint(dataset),
-            "format_version": FORMAT_VERSION,
+            "max_length": max_length,
+            "row_caps": caps,
+            "tokenizer": tokenizer_source,
+            "model_chat_template": _template_text(model_spec.chat_template, workdir, f"models.{model}.chat_template"),
         }
-        data_id = f"{dataset.name}-{content_hash(key, 12)}"
+        # The name prefix keeps results/data/ readable; the hash covers exactly the settings.
+        data_id = f"{dataset.name}-{content_hash(settings, 12)}"
         if data_id not in data:
             data[data_id] = DataSpec(
                 data_id=data_id,
@@ -880,6 +1022,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
                 max_length=max_length,
                 row_caps=caps,
                 fingerprint=fingerprint(dataset),
+                settings=settings,
             )
         return data_id
 

@@ -1,277 +1,193 @@
-"""tokenize: rows from any source -> token ids and labels, shared by all experiments.
+"""tokenize: rows from any source -> token ids and labels, shared by every experiment.
 
 Output folder `results/data/{data_id}/`:
-  train/ validation/ test/   `datasets` folders with input_ids, labels, length
-                             (+ prompt_ids and reference for generation on eval splits)
-  stats.json                 rows in / kept / dropped by reason, tokens, label tokens,
-                             truncated rows, length distribution, per split
-Labels are -100 wherever the loss must not look: prompts (instruction,
-`loss_on: completion`) and everything but assistant turns (chat).
+  train/ validation/ test/   `datasets` folders: input_ids, labels, length, source_row
+                             (+ prompt_ids and reference, for generation at eval time)
+  stats.json                 per split: rows in / kept / dropped by reason (with the
+                             first dropped row of each reason), truncated rows, tokens,
+                             label tokens, the length distribution
+
+Kinds:
+  text         documents joined with EOS and cut into blocks of max_length tokens
+  instruction  a Python format template over the row's columns; the completion is
+               the text from the last placeholder on (`loss_on: completion`, or all)
+  chat         a messages column rendered with the tokenizer's chat template; labels
+               on assistant turns only (`loss_on: assistant`, or all)
+Labels are -100 wherever the loss must not look. Rows that cannot be used are
+dropped and counted by reason, never repaired; a split in which no row can be
+used is an error naming the dataset, the reason (column) and an example row.
+
+Nothing heavy is imported at the top: config.py uses the template helpers and
+the setting names below while Snakemake plans the DAG.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
-import random
 import string
+import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
 from .atomic import atomic_dir, read_json, write_json
 from .errors import FtflowError
+from .sources import SPLITS, SourceRow, cut_splits, load_source
 
 log = logging.getLogger("ftflow.data")
 
-SPLITS = ("train", "validation", "test")
+# Bump when a change here changes the tokens written for the same spec: it is
+# part of every data_id, so cached tokenizations are redone.
+TOKENIZATION_VERSION = 2
 IGNORE = -100
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+DEFAULT_LOSS_ON = {"text": "all", "instruction": "completion", "chat": "assistant"}
+# Dataset settings that change the tokens, by kind (config.py hashes exactly these).
+ENCODING_KEYS = {
+    "text": ("text_column",),
+    "instruction": ("prompt", "completion", "loss_on", "truncation"),
+    "chat": ("messages_column", "chat_template", "loss_on", "truncation"),
+}
+DROP_REASONS = {
+    "empty": "the text to learn is empty (or a template column is null)",
+    "missing_column": "a column the kind or template needs is absent from the row",
+    "not_utf8": "the row's bytes are not valid UTF-8",
+    "invalid_json": "the line is not a JSON object",
+    "invalid_messages": "the messages column is not a list of {role, content}",
+    "template_error": "the template could not be applied to the row",
+    "over_length": "longer than max_length tokens (truncation: drop)",
+    "no_label_tokens": "no token is left to learn (e.g. truncation cut the whole answer)",
+}
+# Worker processes for datasets.map pay only where Python work per row dominates:
+# chat rows (four or more Jinja renders each, ~1.4 ms a row on one core). A fast
+# tokenizer already spreads a batch over all cores in Rust, so instruction and
+# text rows run in one process. A worker costs ~1 s to start and receive the
+# tokenizer; measured on 2 cores, 16,000 chat rows took 25.0 s in one process
+# and 20.0 s in two, 4,000 rows 5.1 s and 6.6 s: one process per 5,000 rows.
+ROWS_PER_PROCESS = 5000
+MAP_BATCH_ROWS = 256
 
 
 class RowError(Exception):
-    """A row that cannot be used; `reason` is one of the stats.json drop reasons."""
+    """A row that cannot be used; `reason` is one of DROP_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
-        super().__init__(detail or reason)
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
 
 
-# --------------------------------------------------------------------------- loading rows
+# --------------------------------------------------------------------------- templates
 
 
-def _read_jsonl(path: str, counter: Counter) -> Iterable[dict]:
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                counter["not_utf8"] += 1
-                yield {"__bad__": "not_utf8", "__where__": f"{os.path.basename(path)}:{number}"}
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                yield {"__bad__": "invalid_json", "__where__": f"{os.path.basename(path)}:{number}"}
-                continue
-            if not isinstance(row, dict):
-                yield {"__bad__": "invalid_json", "__where__": f"{os.path.basename(path)}:{number}"}
-                continue
-            yield row
-
-
-def _read_text(path: str, counter: Counter) -> Iterable[dict]:
-    with open(path, "rb") as handle:
-        data = handle.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        counter["not_utf8"] += 1
-        yield {"__bad__": "not_utf8", "__where__": os.path.basename(path)}
-        return
-    # one document per file; blank-line separated paragraphs stay together
-    yield {"text": text}
-
-
-def read_local(pattern: str, workdir: str = ".") -> list[dict]:
-    full = pattern if os.path.isabs(pattern) else os.path.join(workdir, pattern)
-    files = sorted(f for f in glob.glob(full, recursive=True) if os.path.isfile(f))
-    if not files:
-        raise FtflowError(f"no file matches {pattern!r}")
-    rows: list[dict] = []
-    counter: Counter = Counter()
-    for path in files:
-        ext = os.path.splitext(path)[1].lower()
-        if ext == ".jsonl":
-            rows.extend(_read_jsonl(path, counter))
-        elif ext == ".txt":
-            rows.extend(_read_text(path, counter))
-        elif ext in (".json", ".csv", ".parquet"):
-            import datasets
-
-            loaded = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
-            rows.extend(loaded.to_list())
-        else:
-            raise FtflowError(f"unsupported file type {ext!r} ({path}); use .jsonl, .json, .csv, .parquet or .txt")
-    return rows
-
-
-def load_source(dataset: dict, workdir: str = ".") -> dict[str, list[dict]]:
-    """Return {split: rows}; splits absent from the source are missing from the dict."""
-    source = dataset["source"]
-    if isinstance(source, dict):
-        return {split: read_local(pattern, workdir) for split, pattern in source.items()}
-    scheme, _, rest = source.partition(":")
-    if scheme == "generator":
-        from .generators import GENERATORS
-
-        return GENERATORS[rest](**(dataset.get("args") or {}))
-    if scheme == "hub":
-        return _load_hub(rest, dataset)
-    if scheme == "modelscope":
-        return _load_modelscope(rest, dataset)
-    return {"train": read_local(source, workdir)}
-
-
-def _load_hub(repo: str, dataset: dict) -> dict[str, list[dict]]:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(repo, dataset.get("subset"), revision=dataset.get("revision"))
-    except Exception as err:
-        raise FtflowError(
-            f"datasets.{dataset['name']}.source: cannot load hub dataset {repo!r}: {err}. "
-            "Set HF_ENDPOINT for a mirror or HF_HOME to a cache that has it, or point source at local files."
-        ) from err
-    return _pick_splits(loaded, dataset)
-
-
-def _load_modelscope(repo: str, dataset: dict) -> dict[str, list[dict]]:
-    try:
-        from modelscope.msdatasets import MsDataset
-    except ImportError as err:
-        raise FtflowError(
-            f"datasets.{dataset['name']}.source: ModelScope sources need the extra: pip install 'ftflow[modelscope]'"
-        ) from err
-    out = {}
-    mapping = dataset.get("hub_splits") or {"train": "train"}
-    for split, name in mapping.items():
-        loaded = MsDataset.load(repo, subset_name=dataset.get("subset"), split=name)
-        out[split] = [dict(row) for row in loaded]
-    return out
-
-
-def _pick_splits(loaded, dataset: dict) -> dict[str, list[dict]]:
-    mapping = dataset.get("hub_splits") or {s: s for s in SPLITS if s in loaded}
-    if "train" not in mapping and "train" in loaded:
-        mapping["train"] = "train"
-    out = {}
-    for split, name in mapping.items():
-        if name not in loaded:
-            raise FtflowError(f"datasets.{dataset['name']}.hub_splits.{split}: the source has no split {name!r} (has {list(loaded)})")
-        out[split] = loaded[name].to_list()
-    return out
-
-
-def cut_splits(splits: dict[str, list[dict]], settings: dict | None, name: str) -> dict[str, list[dict]]:
-    """Cut missing validation/test splits from train, deterministically from a seed."""
-    settings = dict(settings or {})
-    seed = settings.pop("seed", 0)
-    train = splits.get("train")
-    if train is None:
-        raise FtflowError(f"datasets.{name}: the source has no train split")
-    missing = [s for s in ("validation", "test") if s not in splits]
-    if not missing:
-        return splits
-    rng = random.Random(seed)
-    order = list(range(len(train)))
-    rng.shuffle(order)
-    total = len(train)
-    sizes = {}
-    for split in missing:
-        value = settings.get(split, 0.05 if total >= 40 else 0.2)
-        size = int(round(value * total)) if isinstance(value, float) and value < 1 else int(value)
-        sizes[split] = max(1, size) if total > 2 else 0
-    if sum(sizes.values()) >= total:
-        raise FtflowError(f"datasets.{name}.splits: {sizes} leave no training rows out of {total}")
-    out = dict(splits)
-    start = 0
-    for split in missing:
-        out[split] = [train[i] for i in order[start : start + sizes[split]]]
-        start += sizes[split]
-    out["train"] = [train[i] for i in sorted(order[start:])]
-    return out
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def split_template(template: str) -> tuple[str, str]:
-    """Split an instruction template at its last placeholder: (prompt, completion).
-
-    '请创作一首古诗，主题关于{title}：\n{content}' -> ('请创作一首古诗，主题关于{title}：\n', '{content}')
-    """
-    parts = list(string.Formatter().parse(template))
-    placeholders = [i for i, (_, field, _, _) in enumerate(parts) if field]
-    if not placeholders:
-        raise FtflowError(f"template {template!r} has no {{column}} placeholder")
-    last = placeholders[-1]
-    prompt = "".join(
-        literal + ("{" + field + "}" if field else "") for literal, field, _, _ in parts[:last]
-    ) + parts[last][0]
-    return prompt, template[len(prompt) :] if template.startswith(prompt) else "{" + parts[last][1] + "}"
+def template_fields(template: str) -> list[tuple[str, int]]:
+    """[(column, offset of its '{' in the template)] of a format template; ValueError if malformed."""
+    fields = []
+    offset = 0
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        # parse() un-doubles '{{' and '}}' in literal text; count them as written
+        offset += len(literal) + literal.count("{") + literal.count("}")
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("use named placeholders such as {title}; positional {} and {0} have no column")
+        if not name.isidentifier():
+            raise ValueError(f"placeholder {{{name}}} is not a column name (attribute and index lookups are not supported)")
+        if "{" in (spec or ""):
+            raise ValueError(f"placeholder {{{name}}}: nested placeholders in a format spec are not supported")
+        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        fields.append((name, offset))
+        offset += len(written)
+    return fields
 
 
 def template_columns(template: str) -> list[str]:
-    return [fld for _, fld, _, _ in string.Formatter().parse(template) if fld]
+    columns = []
+    for name, _ in template_fields(template):
+        if name not in columns:
+            columns.append(name)
+    return columns
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """(prompt, completion) templates: the completion starts at the last placeholder.
+
+    '请创作一首古诗，主题关于{title}：\\n{content}' -> ('请创作一首古诗，主题关于{title}：\\n', '{content}')
+    """
+    fields = template_fields(template)
+    if not fields:
+        raise ValueError("the template has no {column} placeholder, so nothing in it is the completion")
+    start = fields[-1][1]
+    return template[:start], template[start:]
+
+
+# --------------------------------------------------------------------------- encoding rows
 
 
 class Encoder:
-    """Turns one row into token ids, labels and (for eval) the prompt and reference."""
+    """Rows -> token ids and labels (and, for eval, the prompt ids and the reference)."""
 
-    def __init__(self, tokenizer, dataset: dict, max_length: int):
+    def __init__(self, tokenizer, kind: str, encoding: dict, max_length: int, dataset: str = "dataset"):
         self.tok = tokenizer
-        self.ds = dataset
-        self.kind = dataset["kind"]
+        self.kind = kind
+        self.name = dataset
         self.max_length = max_length
-        self.truncate = dataset.get("truncation", "drop") == "truncate"
-        default_loss = {"text": "all", "instruction": "completion", "chat": "assistant"}[self.kind]
-        self.loss_on = dataset.get("loss_on") or default_loss
-        if self.kind == "instruction":
-            if dataset.get("prompt") is not None and dataset.get("completion") is not None:
-                self.prompt_t, self.completion_t = dataset["prompt"], dataset["completion"]
-            else:
-                self.prompt_t, self.completion_t = split_template(dataset["template"])
-            self.columns = template_columns(self.prompt_t) + template_columns(self.completion_t)
-        if self.kind == "chat":
-            template = dataset.get("chat_template")
-            if template:
-                if os.path.exists(template):
-                    with open(template, encoding="utf-8") as handle:
-                        template = handle.read()
-                self.tok.chat_template = template
-            if not getattr(self.tok, "chat_template", None):
+        self.loss_on = encoding.get("loss_on") or DEFAULT_LOSS_ON[kind]
+        self.truncate = encoding.get("truncation", "drop") == "truncate"
+        if kind == "instruction":
+            self.prompt_t, self.completion_t = encoding["prompt"], encoding["completion"]
+            self.prompt_columns = template_columns(self.prompt_t)
+            self.completion_columns = template_columns(self.completion_t)
+        elif kind == "chat":
+            self.messages_column = encoding.get("messages_column", "messages")
+            self.chat_template = encoding.get("chat_template") or getattr(self.tok, "chat_template", None)
+            if not self.chat_template:
                 raise FtflowError(
-                    f"datasets.{dataset['name']}: the tokenizer has no chat template; "
-                    "set datasets.<name>.chat_template (or models.<name>.chat_template) to a Jinja template"
+                    f"datasets.{dataset}.chat_template: the tokenizer has no chat template; set "
+                    f"datasets.{dataset}.chat_template (or models.<name>.chat_template) to a Jinja template or a file"
                 )
+            if not self.tok.is_fast:
+                raise FtflowError(f"datasets.{dataset}: chat labels need a fast tokenizer (character offsets); this one is not")
             self.turn_end = self._probe_turn_end()
+        elif kind == "text":
+            self.text_column = encoding.get("text_column", "text")
+        else:
+            raise FtflowError(f"datasets.{dataset}.kind: unknown kind {kind!r}")
 
     # -- chat
     def _render(self, messages, add_generation_prompt=False) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _probe_turn_end(self) -> str:
+        """What the template writes after an assistant message (e.g. '<|im_end|>\\n')."""
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
         text = self._render(probe)
-        tail = text[text.rfind("PONG-7") + len("PONG-7") :]
-        return tail
+        return text[text.rfind("PONG-7") + len("PONG-7") :]
 
     def _assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered chat and the character spans of its assistant turns (content + turn end)."""
         text = self._render(messages)
         spans = []
         search = 0
         for i, message in enumerate(messages):
-            if message.get("role") != "assistant":
+            if message["role"] != "assistant":
                 continue
             prefix = self._render(messages[:i], add_generation_prompt=True) if i else ""
             upto = self._render(messages[: i + 1])
-            if i and text.startswith(prefix) and text.startswith(upto) and len(upto) > len(prefix):
+            if i and text.startswith(upto) and upto.startswith(prefix) and len(upto) > len(prefix):
                 spans.append((len(prefix), len(upto)))
                 search = len(upto)
                 continue
-            # Templates that re-render earlier turns (e.g. dropping reasoning) break the
-            # prefix property; find the content itself and the template's turn end.
-            content = message.get("content") or ""
+            # Templates that render earlier turns differently (Qwen3 drops the
+            # reasoning of all but the last turn) break the prefix property:
+            # find the content itself, then the template's end of turn.
+            content = message["content"]
             start = text.find(content, search)
             if start < 0:
-                raise RowError("template_error", "assistant content not found in the rendered chat")
+                raise RowError("template_error", f"assistant message {i} is not in the rendered chat")
             end = start + len(content)
             if self.turn_end and text.startswith(self.turn_end, end):
                 end += len(self.turn_end)
@@ -279,112 +195,239 @@ class Encoder:
             search = end
         return text, spans
 
-    def encode_chat(self, row: dict) -> dict:
-        messages = row.get(self.ds.get("messages_column", "messages"))
-        if messages is None:
-            raise RowError("missing_column", self.ds.get("messages_column", "messages"))
-        if not isinstance(messages, list) or not messages:
-            raise RowError("empty")
-        for message in messages:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise RowError("template_error", "each message needs 'role' and 'content'")
-            if not str(message.get("content") or "").strip() and message.get("role") == "assistant":
-                raise RowError("empty", "empty assistant message")
-        if not any(m.get("role") == "assistant" for m in messages):
+    def _messages(self, values: dict) -> list[dict]:
+        if self.messages_column not in values:
+            raise RowError("missing_column", self.messages_column)
+        messages = values[self.messages_column]
+        if isinstance(messages, str):  # CSV and some parquet files store the list as JSON text
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as err:
+                raise RowError("invalid_messages", f"column {self.messages_column!r} is text that is not JSON") from err
+        if messages is None or (isinstance(messages, list) and not messages):
+            raise RowError("empty", f"column {self.messages_column!r} has no messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise RowError("invalid_messages", "each message needs a string 'role' and a string 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
             raise RowError("empty", "no assistant message")
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            raise RowError("empty", "an assistant message is empty")
+        return messages
+
+    def _render_chat(self, values: dict) -> dict:
+        messages = self._messages(values)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         try:
             text, spans = self._assistant_spans(messages)
+            prompt = self._render(messages[:last], add_generation_prompt=True)
         except RowError:
             raise
-        except Exception as err:  # jinja errors from the template itself
-            raise RowError("template_error", str(err).splitlines()[0]) from err
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        if self.loss_on == "all":
-            labels = list(ids)
-        else:
-            labels = [IGNORE] * len(ids)
-            for j, (start, end) in enumerate(enc["offset_mapping"]):
-                if end > start and any(s <= start and end <= e for s, e in spans):
-                    labels[j] = ids[j]
-        out = {"input_ids": ids, "labels": labels}
-        if messages[-1].get("role") == "assistant":
-            prompt = self._render(messages[:-1], add_generation_prompt=True)
-            out["prompt_ids"] = self.tok(prompt, add_special_tokens=False)["input_ids"]
-            out["reference"] = messages[-1]["content"]
-        return out
+        except Exception as err:  # jinja errors raised by the template itself
+            raise RowError("template_error", str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        return {"text": text, "spans": spans, "prompt": prompt, "reference": messages[last]["content"]}
 
     # -- instruction
-    def encode_instruction(self, row: dict) -> dict:
-        for column in self.columns:
-            if row.get(column) is None:
+    def _render_instruction(self, values: dict) -> dict:
+        for column in self.prompt_columns + self.completion_columns:
+            if column not in values:
                 raise RowError("missing_column", column)
-        values = {c: str(row[c]) for c in self.columns}
-        if any(not values[c].strip() for c in template_columns(self.completion_t)):
-            raise RowError("empty")
+            if values[column] is None:
+                raise RowError("empty", f"column {column!r} is null")
+        for column in self.completion_columns:
+            if isinstance(values[column], str) and not values[column].strip():
+                raise RowError("empty", f"column {column!r} is empty")
         try:
             prompt = self.prompt_t.format(**values)
             completion = self.completion_t.format(**values)
-        except (KeyError, IndexError, ValueError) as err:
-            raise RowError("template_error", str(err)) from err
-        prompt_ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
-        completion_ids = self.tok(completion, add_special_tokens=False)["input_ids"]
-        if self.tok.eos_token_id is not None:
-            completion_ids = completion_ids + [self.tok.eos_token_id]
-        ids = prompt_ids + completion_ids
-        if self.loss_on == "all":
-            labels = list(ids)
-        else:
-            labels = [IGNORE] * len(prompt_ids) + list(completion_ids)
-        return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "reference": completion}
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+            raise RowError("template_error", f"{type(err).__name__}: {err}") from err
+        return {"prompt": prompt, "completion": completion}
 
-    def encode(self, row: dict) -> dict:
-        if "__bad__" in row:
-            raise RowError(row["__bad__"], row.get("__where__", ""))
-        out = self.encode_chat(row) if self.kind == "chat" else self.encode_instruction(row)
-        if len(out["input_ids"]) > self.max_length:
+    # -- text
+    def _render_text(self, values: dict) -> dict:
+        if self.text_column not in values:
+            raise RowError("missing_column", self.text_column)
+        text = values[self.text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise RowError("empty", f"column {self.text_column!r} is empty")
+        return {"text": text}
+
+    def render(self, values: dict) -> dict:
+        return {"chat": self._render_chat, "instruction": self._render_instruction, "text": self._render_text}[self.kind](values)
+
+    # -- tokens, a batch at a time (the fast tokenizer encodes a list in one call)
+    def _tokenize(self, rendered: list[dict]) -> list[dict]:
+        tok = self.tok
+        if self.kind == "text":
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            ids = tok([r["text"] for r in rendered], add_special_tokens=False)["input_ids"]
+            return [{"input_ids": bos + x + eos} for x in ids]
+        if self.kind == "instruction":
+            prompts = tok([r["prompt"] for r in rendered], add_special_tokens=True)["input_ids"]
+            completions = tok([r["completion"] for r in rendered], add_special_tokens=False)["input_ids"]
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            records = []
+            for r, p, c in zip(rendered, prompts, completions):
+                c = c + eos
+                labels = p + c if self.loss_on == "all" else [IGNORE] * len(p) + c
+                records.append({"input_ids": p + c, "labels": labels, "prompt_ids": p, "reference": r["completion"]})
+            return records
+        enc = tok([r["text"] for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        prompts = tok([r["prompt"] for r in rendered], add_special_tokens=False)["input_ids"]
+        records = []
+        for r, ids, offsets, p in zip(rendered, enc["input_ids"], enc["offset_mapping"], prompts):
+            if self.loss_on == "all":
+                labels = list(ids)
+            else:
+                # A token is labelled when any of its characters is in an assistant span:
+                # every character of an answer is learned, also when a merge joins the
+                # answer's first character to the template text before it.
+                labels = [t if end > start and any(start < e and s < end for s, e in r["spans"]) else IGNORE for t, (start, end) in zip(ids, offsets)]
+            records.append({"input_ids": ids, "labels": labels, "prompt_ids": p, "reference": r["reference"]})
+        return records
+
+    def _finish(self, record: dict) -> dict:
+        record["truncated"] = False
+        if len(record["input_ids"]) > self.max_length:
             if not self.truncate:
-                raise RowError("over_length", f"{len(out['input_ids'])} > {self.max_length} tokens")
-            out["input_ids"] = out["input_ids"][: self.max_length]
-            out["labels"] = out["labels"][: self.max_length]
-            out["truncated"] = True
-        if not any(label != IGNORE for label in out["labels"][1:]):
-            raise RowError("no_label_tokens", "no token carries a label")
-        return out
+                raise RowError("over_length", f"{len(record['input_ids'])} > {self.max_length} tokens")
+            record["input_ids"] = record["input_ids"][: self.max_length]
+            record["labels"] = record["labels"][: self.max_length]
+            record["truncated"] = True
+        # the first label of an example is never learned (nothing predicts it)
+        if not any(label != IGNORE for label in record["labels"][1:]):
+            raise RowError("no_label_tokens", "no token after the first carries a label")
+        return record
+
+    def encode_rows(self, rows: list[SourceRow]) -> list[dict | RowError]:
+        """One result per row, in order: a record, or the RowError that drops it."""
+        results: list[dict | RowError | None] = [None] * len(rows)
+        rendered, positions = [], []
+        for i, row in enumerate(rows):
+            if row.problem:
+                results[i] = RowError(row.problem, row.detail)
+                continue
+            try:
+                rendered.append(self.render(row.values))
+                positions.append(i)
+            except RowError as err:
+                results[i] = err
+        if rendered:
+            for i, record in zip(positions, self._tokenize(rendered)):
+                if self.kind == "text":
+                    results[i] = record
+                    continue
+                try:
+                    results[i] = self._finish(record)
+                except RowError as err:
+                    results[i] = err
+        return results
+
+    def encode(self, values: dict) -> dict:
+        """One row (a test and debugging convenience); raises RowError for a dropped row."""
+        result = self.encode_rows([SourceRow("row 1", values)])[0]
+        if isinstance(result, RowError):
+            raise result
+        return result
 
 
-def encode_text_blocks(tokenizer, rows: list[dict], column: str, max_length: int, counter: Counter, bad: dict) -> list[dict]:
-    """Concatenate documents (EOS between them) and cut into blocks of max_length tokens."""
-    stream: list[int] = []
-    for number, row in enumerate(rows):
-        if "__bad__" in row:
-            counter[row["__bad__"]] += 1
-            bad.setdefault(row["__bad__"], row.get("__where__", number))
+# --------------------------------------------------------------------------- datasets.map
+
+
+def _encode_batch(batch: dict, encoder: Encoder) -> dict:
+    rows = [
+        SourceRow(where, json.loads(raw) if raw else None, problem or None, detail)
+        for where, raw, problem, detail in zip(batch["where"], batch["row"], batch["problem"], batch["detail"])
+    ]
+    out: dict[str, list] = {k: [] for k in ("where", "drop", "detail", "input_ids", "labels", "prompt_ids", "reference", "truncated")}
+    for row, result in zip(rows, encoder.encode_rows(rows)):
+        out["where"].append(row.where)
+        if isinstance(result, RowError):
+            out["drop"].append(result.reason)
+            out["detail"].append(result.detail)
+            result = {}
+        else:
+            out["drop"].append("")
+            out["detail"].append("")
+        out["input_ids"].append(result.get("input_ids", []))
+        out["labels"].append(result.get("labels", []))
+        out["prompt_ids"].append(result.get("prompt_ids", []))
+        out["reference"].append(result.get("reference"))
+        out["truncated"].append(bool(result.get("truncated", False)))
+    return out
+
+
+def choose_num_proc(rows: int, threads: int, python_bound: bool) -> int:
+    """Worker processes for `datasets.map`: one per ROWS_PER_PROCESS rows, at most `threads`,
+    and only when the per-row work is Python (chat rendering, a slow tokenizer)."""
+    if not python_bound:
+        return 1
+    return max(1, min(threads, rows // ROWS_PER_PROCESS))
+
+
+def encode_split(rows: list[SourceRow], encoder: Encoder, threads: int):
+    """`datasets.map` (batched, `num_proc` from the job's threads) over one split's rows."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    table = Dataset.from_dict(
+        {
+            "where": [r.where for r in rows],
+            # rows travel as JSON text: sources disagree on column types, a JSON string never does
+            "row": [json.dumps(r.values, ensure_ascii=False, default=str) if r.values is not None else "" for r in rows],
+            "problem": [r.problem or "" for r in rows],
+            "detail": [r.detail for r in rows],
+        }
+    )
+    ids = Sequence(Value("int32"))
+    features = Features(
+        {
+            "where": Value("string"),
+            "drop": Value("string"),
+            "detail": Value("string"),
+            "input_ids": ids,
+            "labels": ids,
+            "prompt_ids": ids,
+            "reference": Value("string"),
+            "truncated": Value("bool"),
+        }
+    )
+    num_proc = choose_num_proc(len(rows), threads, python_bound=encoder.kind == "chat" or not encoder.tok.is_fast)
+    if num_proc > 1:
+        # forked workers must not start the tokenizer's own thread pool on top of each other
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    encoded = table.map(
+        _encode_batch,
+        batched=True,
+        batch_size=MAP_BATCH_ROWS,
+        fn_kwargs={"encoder": encoder},
+        remove_columns=table.column_names,
+        features=features,
+        num_proc=num_proc if num_proc > 1 else None,
+        desc=None,
+    )
+    return encoded, num_proc
+
+
+def text_blocks(encoded, max_length: int) -> list[list[int]]:
+    """Kept documents, joined in order, cut into blocks of max_length tokens (the last may be shorter)."""
+    blocks: list[list[int]] = []
+    carry: list[int] = []
+    for drop, ids in zip(encoded["drop"], encoded["input_ids"]):
+        if drop:
             continue
-        text = row.get(column)
-        if text is None:
-            counter["missing_column"] += 1
-            bad.setdefault("missing_column", number)
-            continue
-        if not str(text).strip():
-            counter["empty"] += 1
-            bad.setdefault("empty", number)
-            continue
-        ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            ids = [tokenizer.bos_token_id] + ids
-        stream.extend(ids)
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
-    blocks = []
-    for start in range(0, len(stream), max_length):
-        block = stream[start : start + max_length]
-        if len(block) >= 2:
-            blocks.append({"input_ids": block, "labels": list(block)})
+        carry.extend(ids)
+        while len(carry) >= max_length:
+            blocks.append(carry[:max_length])
+            carry = carry[max_length:]
+    if len(carry) >= 2:  # a 1-token block predicts nothing
+        blocks.append(carry)
     return blocks
 
 
-# --------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------- statistics
 
 
 def length_stats(lengths: list[int]) -> dict:
@@ -392,7 +435,7 @@ def length_stats(lengths: list[int]) -> dict:
         return {"count": 0}
     ordered = sorted(lengths)
 
-    def pct(q: float) -> int:
+    def percentile(q: float) -> int:
         return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
 
     edges = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
@@ -405,30 +448,71 @@ def length_stats(lengths: list[int]) -> dict:
         "count": len(ordered),
         "min": ordered[0],
         "mean": round(sum(ordered) / len(ordered), 2),
-        "p50": pct(0.5),
-        "p90": pct(0.9),
-        "p99": pct(0.99),
+        "p50": percentile(0.5),
+        "p90": percentile(0.9),
+        "p99": percentile(0.99),
         "max": ordered[-1],
         "histogram": histogram,
     }
 
 
+def _drop_stats(encoded) -> tuple[Counter, dict]:
+    dropped: Counter = Counter()
+    first: dict[str, dict] = {}
+    for where, drop, detail in zip(encoded["where"], encoded["drop"], encoded["detail"]):
+        if drop:
+            dropped[drop] += 1
+            first.setdefault(drop, {"row": where, "detail": detail})
+    return dropped, first
+
+
+def _unusable_split_error(name: str, split: str, dropped: Counter, first: dict) -> FtflowError:
+    reason, count = dropped.most_common(1)[0]
+    example = first[reason]
+    what = f"column {example['detail']!r} is missing" if reason == "missing_column" else f"{reason}: {example['detail']}"
+    others = ", ".join(f"{n} x {r}" for r, n in dropped.most_common()[1:])
+    return FtflowError(
+        f"datasets.{name}: no row of the {split} split can be used; {count} x {reason}"
+        + (f" (and {others})" if others else "")
+        + f"; e.g. {example['row']}: {what}"
+    )
+
+
+# --------------------------------------------------------------------------- the step
+
+
 def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) -> dict:
+    """Tokenize one spec (results/data/{data_id}.json) into `out`; return stats.json's content.
+
+    `num_proc` is the most worker processes `datasets.map` may use (the job's threads).
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    spec = read_json(spec_path)
-    dataset = spec["dataset"]
-    name = dataset["name"]
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    max_length = spec["max_length"]
+    import datasets
 
-    raw = load_source(dataset, workdir)
-    raw = cut_splits(raw, dataset.get("splits"), name)
+    datasets.disable_progress_bars()  # the job log gets one line per split instead
+    started = time.perf_counter()
+    spec = read_json(spec_path)
+    name, kind, max_length = spec["dataset"], spec["kind"], spec["max_length"]
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    encoder = Encoder(tokenizer, kind, spec["encoding"], max_length, name)
+
+    raw = load_source(spec, workdir)
+    raw, held_out = cut_splits(raw, spec.get("splits"), name)
     caps = spec.get("row_caps") or {}
 
-    stats: dict[str, Any] = {"data_id": spec["data_id"], "dataset": name, "kind": dataset["kind"], "max_length": max_length, "splits": {}}
-    encoder = None if dataset["kind"] == "text" else Encoder(tokenizer, dataset, max_length)
+    stats: dict[str, Any] = {
+        "data_id": spec["data_id"],
+        "dataset": name,
+        "kind": kind,
+        "source": spec["source"],
+        "max_length": max_length,
+        "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
+        "held_out_from_train": held_out,
+        "drop_reasons": DROP_REASONS,
+        "splits": {},
+    }
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             rows = raw.get(split)
@@ -436,46 +520,39 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
                 continue
             if split in caps:
                 rows = rows[: caps[split]]
-            dropped: Counter = Counter()
-            first_bad: dict[str, Any] = {}
-            truncated = 0
-            if encoder is None:
-                records = encode_text_blocks(tokenizer, rows, dataset.get("text_column", "text"), max_length, dropped, first_bad)
+            encoded, used_proc = encode_split(rows, encoder, num_proc)
+            dropped, first = _drop_stats(encoded)
+            if rows and len(dropped) and sum(dropped.values()) == len(rows):
+                raise _unusable_split_error(name, split, dropped, first)
+            split_stats: dict[str, Any] = {"rows_in": len(rows), "kept": len(rows) - sum(dropped.values())}
+            if kind == "text":
+                blocks = text_blocks(encoded, max_length)
+                if rows and not blocks:
+                    raise FtflowError(f"datasets.{name}: the {split} split has fewer than 2 tokens of text")
+                saved = Dataset.from_dict({"input_ids": blocks, "labels": blocks, "length": [len(b) for b in blocks]})
+                split_stats["blocks"] = len(blocks)
+                truncated = 0
             else:
-                records = []
-                for number, row in enumerate(rows):
-                    try:
-                        record = encoder.encode(row)
-                    except RowError as err:
-                        dropped[err.reason] += 1
-                        first_bad.setdefault(err.reason, {"row": number, "detail": err.detail})
-                        continue
-                    truncated += int(record.pop("truncated", False))
-                    records.append(record)
-            if rows and not records:
-                reason, count = dropped.most_common(1)[0] if dropped else ("unknown", 0)
-                where = first_bad.get(reason, {})
-                column_hint = ""
-                if reason == "missing_column":
-                    column_hint = f", column {where.get('detail')!r}" if isinstance(where, dict) else ""
-                raise FtflowError(
-                    f"datasets.{name}: every row of split {split!r} is unusable "
-                    f"({count} x {reason}{column_hint}; first at row {where.get('row') if isinstance(where, dict) else where})"
-                )
-            lengths = [len(r["input_ids"]) for r in records]
-            for record in records:
-                record["length"] = len(record["input_ids"])
-            ds = Dataset.from_list(records) if records else Dataset.from_dict({"input_ids": [], "labels": [], "length": []})
-            ds.save_to_disk(os.path.join(tmp, split))
-            stats["splits"][split] = {
-                "rows_in": len(rows),
-                "kept": len(records),
-                "dropped": dict(dropped),
-                "first_dropped": first_bad,
-                "truncated": truncated,
-                "tokens": sum(lengths),
-                "label_tokens": sum(sum(1 for t in r["labels"] if t != IGNORE) for r in records),
-                "lengths": length_stats(lengths),
-            }
+                kept = [i for i, drop in enumerate(encoded["drop"]) if not drop]
+                saved = encoded.select(kept).remove_columns(["drop", "detail"])
+                truncated = sum(saved["truncated"])
+                saved = saved.remove_columns(["truncated"]).rename_column("where", "source_row")
+                saved = saved.add_column("length", [len(x) for x in saved["input_ids"]])
+            saved.save_to_disk(os.path.join(tmp, split))
+            lengths = saved["length"]
+            split_stats.update(
+                {
+                    "dropped": dict(dropped),
+                    "first_dropped": first,
+                    "truncated": truncated,
+                    "tokens": int(sum(lengths)),
+                    "label_tokens": int(sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in saved["labels"])),
+                    "lengths": length_stats(lengths),
+                    "num_proc": used_proc,
+                }
+            )
+            stats["splits"][split] = split_stats
+            log.info("%s %s: %d rows in, %d kept, dropped %s", name, split, len(rows), split_stats["kept"], dict(dropped) or "none")
+        stats["seconds"] = round(time.perf_counter() - started, 2)
         write_json(os.path.join(tmp, "stats.json"), stats)
     return stats

@@ -1,0 +1,387 @@
+"""Rows from every source a dataset can name, and the train/validation/test splits.
+
+Sources (`datasets.<name>.source`):
+  data/poems.jsonl, data/*.csv       local files: .jsonl .json .csv .parquet .txt, globs allowed
+  {train: a.jsonl, test: b.jsonl}    local files per split
+  hub:<id>                           `datasets.load_dataset` (subset, revision, hub_splits)
+  modelscope:<id>                    `MsDataset.load` (pip install 'ftflow[modelscope]')
+  generator:<name>                   ftflow's own generators (ftflow.generators)
+
+Every row keeps where it came from ("poems.jsonl line 3") so that a message
+about a bad row can name it. A row that cannot even be read (bytes that are not
+UTF-8, a line that is not JSON) is kept as a `SourceRow` with a `problem`, so
+that tokenization counts it among the dropped rows instead of losing it.
+
+This module imports nothing heavy at the top: config.py uses `local_files`,
+`peek_columns` and `check_split_settings` while Snakemake plans the DAG.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FtflowError
+
+SPLITS = ("train", "validation", "test")
+LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+PEEK_ROWS = 20  # rows per file read at config time to check that columns exist
+PEEK_JSON_BYTES = 20 * 2**20  # a .json array is parsed whole; larger ones are not peeked at
+# Held-out rows cut from train when the source has no such split and `splits` does not say.
+DEFAULT_HELD_OUT_FRACTION = 0.05
+DEFAULT_HELD_OUT_MAX_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One row of a source: its values, or why it could not be read."""
+
+    where: str  # "poems.jsonl line 3", "hub:user/poems train row 17"
+    values: dict | None  # None when the row could not be read
+    problem: str | None = None  # drop reason for unreadable rows: not_utf8, invalid_json
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def local_files(pattern: str, workdir: str = ".") -> list[str]:
+    """Files a path or glob names, sorted, so every run reads them in the same order."""
+    full = pattern if os.path.isabs(pattern) else os.path.join(workdir, pattern)
+    return sorted(f for f in glob.glob(full, recursive=True) if os.path.isfile(f))
+
+
+def _extension(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in LOCAL_EXTENSIONS:
+        raise FtflowError(f"unsupported file type {ext or '(none)'!r} ({path}); use {', '.join(LOCAL_EXTENSIONS)}")
+    return ext
+
+
+def _is_utf8(value: Any) -> bool:
+    """False when a string decoded with surrogateescape carries bytes that were not UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_utf8(k) and _is_utf8(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_utf8(v) for v in value)
+    return True
+
+
+def _checked(where: str, values: Any) -> SourceRow:
+    if not isinstance(values, dict):
+        return SourceRow(where, None, "invalid_json", f"expected a JSON object, got {type(values).__name__}")
+    if not _is_utf8(values):
+        return SourceRow(where, None, "not_utf8", "bytes that are not valid UTF-8")
+    return SourceRow(where, values)
+
+
+def _read_jsonl(path: str) -> list[SourceRow]:
+    name = os.path.basename(path)
+    rows = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{name} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                rows.append(SourceRow(where, None, "not_utf8", f"byte {err.start} of the line is not valid UTF-8"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                values = json.loads(line)
+            except json.JSONDecodeError as err:
+                rows.append(SourceRow(where, None, "invalid_json", err.msg))
+                continue
+            rows.append(_checked(where, values))
+    return rows
+
+
+def _read_json(path: str) -> list[SourceRow]:
+    """A JSON array of objects (or JSON Lines saved as .json)."""
+    name = os.path.basename(path)
+    with open(path, "rb") as handle:
+        text = handle.read().decode("utf-8-sig", errors="surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        if text.lstrip().startswith("{"):
+            return _read_jsonl(path)  # one object per line
+        raise FtflowError(f"{path} is not valid JSON; expected an array of objects or one object per line")
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise FtflowError(f"{path}: expected an array of objects, got {type(data).__name__}")
+    return [_checked(f"{name} item {i}", values) for i, values in enumerate(data, start=1)]
+
+
+def _read_csv(path: str) -> list[SourceRow]:
+    name = os.path.basename(path)
+    with open(path, "rb") as handle:
+        text = handle.read().decode("utf-8-sig", errors="surrogateescape")
+    rows = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for number, values in enumerate(reader, start=1):
+        # A short row gets None for its missing fields, which the encoder reports
+        # as a missing column; extra fields land under the None key: drop that key.
+        values.pop(None, None)
+        rows.append(_checked(f"{name} row {number}", values))
+    return rows
+
+
+def _read_parquet(path: str) -> list[SourceRow]:
+    import pyarrow.parquet as pq
+
+    name = os.path.basename(path)
+    try:
+        records = pq.read_table(path).to_pylist()
+    except UnicodeDecodeError as err:
+        raise FtflowError(f"{path}: a string column holds bytes that are not valid UTF-8 ({err.reason})") from err
+    return [_checked(f"{name} row {i}", values) for i, values in enumerate(records, start=1)]
+
+
+def _read_text(path: str) -> list[SourceRow]:
+    """One document per .txt file, in the `text` column."""
+    name = os.path.basename(path)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        return [SourceRow(name, {"text": data.decode("utf-8")})]
+    except UnicodeDecodeError as err:
+        return [SourceRow(name, None, "not_utf8", f"byte {err.start} is not valid UTF-8")]
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_text}
+
+
+def read_local(pattern: str, workdir: str = ".") -> list[SourceRow]:
+    files = local_files(pattern, workdir)
+    if not files:
+        raise FtflowError(f"no file matches {pattern!r}")
+    rows: list[SourceRow] = []
+    for path in files:
+        rows.extend(READERS[_extension(path)](path))
+    return rows
+
+
+def peek_columns(path: str, limit: int = PEEK_ROWS) -> tuple[list[set[str]], str] | None:
+    """Column names of the first rows of a local file, cheaply: ([columns of row 1, ...], row label).
+
+    None when the file cannot be peeked at cheaply (a large .json array). Rows
+    that cannot be read are skipped: tokenization reports them.
+    """
+    ext = _extension(path)
+    if ext == ".txt":
+        return [{"text"}], "document"
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [set(pq.read_schema(path).names)], "row"
+    if ext == ".csv":
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            header = next(csv.reader(handle), [])
+        return [set(header)], "row"
+    if ext == ".json" and os.path.getsize(path) > PEEK_JSON_BYTES:
+        return None
+    if ext == ".json":
+        rows = _read_json(path)
+    else:
+        rows = []
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if raw.strip():
+                    rows.append(raw)
+                if len(rows) >= limit:
+                    break
+        rows = [_checked("", _loads(raw)) for raw in rows]
+    columns = [set(r.values) for r in rows[:limit] if r.values is not None]
+    return columns, "line" if ext == ".jsonl" else "item"
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- hubs and generators
+
+
+def _load_hub(repo: str, dataset: dict) -> dict[str, list[SourceRow]]:
+    import datasets
+
+    name = dataset["dataset"]
+    options = dataset.get("source_options") or {}
+    wanted = options.get("hub_splits")
+    try:
+        if wanted:
+            loaded = {
+                split: datasets.load_dataset(repo, options.get("subset"), split=hub_split, revision=options.get("revision"))
+                for split, hub_split in wanted.items()
+            }
+        else:
+            everything = datasets.load_dataset(repo, options.get("subset"), revision=options.get("revision"))
+            loaded = {split: everything[split] for split in SPLITS if split in everything}
+            if "train" not in loaded:
+                raise FtflowError(
+                    f"datasets.{name}.hub_splits: {repo!r} has no split named 'train' (it has {', '.join(everything)}); "
+                    "say which to use, e.g. hub_splits: {train: <name>}"
+                )
+    except FtflowError:
+        raise
+    except Exception as err:  # network, auth, a missing repo, subset or split: say which dataset
+        raise FtflowError(
+            f"datasets.{name}.source: cannot load hub dataset {repo!r}"
+            + (f" (subset {options['subset']!r})" if options.get("subset") else "")
+            + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+            "Set HF_ENDPOINT for a mirror or HF_HOME to a cache that has it, or point source at local files."
+        ) from err
+    return {
+        split: [SourceRow(f"hub:{repo} {split} row {i}", values) for i, values in enumerate(rows, start=1)]
+        for split, rows in loaded.items()
+    }
+
+
+def _load_modelscope(repo: str, dataset: dict) -> dict[str, list[SourceRow]]:
+    name = dataset["dataset"]
+    try:
+        from modelscope.msdatasets import MsDataset
+    except ImportError as err:
+        raise FtflowError(
+            f"datasets.{name}.source: ModelScope sources need the optional extra: pip install 'ftflow[modelscope]'"
+        ) from err
+    options = dataset.get("source_options") or {}
+    out = {}
+    for split, ms_split in (options.get("hub_splits") or {"train": "train"}).items():
+        kwargs = {"subset_name": options.get("subset"), "split": ms_split}
+        if options.get("revision"):
+            kwargs["version"] = options["revision"]
+        try:
+            loaded = MsDataset.load(repo, **kwargs)
+        except Exception as err:
+            raise FtflowError(f"datasets.{name}.source: cannot load ModelScope dataset {repo!r} split {ms_split!r}: {err}") from err
+        out[split] = [SourceRow(f"modelscope:{repo} {split} row {i}", dict(values)) for i, values in enumerate(loaded, start=1)]
+    return out
+
+
+def _generate(generator: str, dataset: dict) -> dict[str, list[SourceRow]]:
+    from .generators import GENERATORS
+
+    args = (dataset.get("source_options") or {}).get("args") or {}
+    try:
+        splits = GENERATORS[generator](**args)
+    except (TypeError, ValueError) as err:
+        raise FtflowError(f"datasets.{dataset['dataset']}.args: {err}") from err
+    return {
+        split: [SourceRow(f"generator:{generator} {split} row {i}", values) for i, values in enumerate(rows, start=1)]
+        for split, rows in splits.items()
+    }
+
+
+def load_source(dataset: dict, workdir: str = ".") -> dict[str, list[SourceRow]]:
+    """{split: rows} of a tokenization spec's source; splits the source lacks are absent."""
+    source = dataset["source"]
+    if isinstance(source, dict):
+        return {split: read_local(pattern, workdir) for split, pattern in source.items()}
+    scheme, _, rest = source.partition(":")
+    if scheme == "generator":
+        return _generate(rest, dataset)
+    if scheme == "hub":
+        return _load_hub(rest, dataset)
+    if scheme == "modelscope":
+        return _load_modelscope(rest, dataset)
+    return {"train": read_local(source, workdir)}
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def check_split_settings(settings: Any) -> dict | None:
+    """The `splits` setting normalized ({validation, test, seed}), or ValueError saying what is wrong."""
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ValueError("expected a mapping {validation: n|fraction, test: n|fraction, seed: int}")
+    unknown = set(settings) - {"validation", "test", "seed"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: validation, test, seed)")
+    seed = settings.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    out: dict[str, Any] = {"seed": seed}
+    fractions = 0.0
+    for split in ("validation", "test"):
+        if split not in settings:
+            continue
+        value = settings[split]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{split} must be a row count or a fraction in [0, 1), got {value!r}")
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"{split}: {value} is neither a fraction below 1 nor a whole number of rows")
+            value = int(value)
+        if isinstance(value, float):
+            fractions += value
+        out[split] = value
+    if fractions >= 1:
+        raise ValueError(f"the fractions held out add up to {fractions:g}, leaving no training rows")
+    return out
+
+
+def _held_out_size(value: int | float | None, total: int) -> int:
+    if value is None:  # the default: a small slice, never more than DEFAULT_HELD_OUT_MAX_ROWS
+        if total < 3:
+            return 0
+        return max(1, min(DEFAULT_HELD_OUT_MAX_ROWS, round(DEFAULT_HELD_OUT_FRACTION * total)))
+    if isinstance(value, float):
+        return max(1, round(value * total)) if value > 0 and total >= 3 else 0
+    return int(value)
+
+
+def cut_splits(splits: dict[str, list], settings: dict | None, name: str) -> tuple[dict[str, list], dict]:
+    """Cut the validation and test splits the source lacks from train, deterministically from a seed.
+
+    Returns (splits, what was cut: {split: rows}). Rows keep their order inside
+    each split; which rows are held out depends only on the seed and the row
+    count, so the same source and settings always give the same splits.
+    """
+    settings = dict(settings or {})
+    if "train" not in splits:
+        raise FtflowError(f"datasets.{name}.source: the source has no train split (it has {', '.join(splits) or 'none'})")
+    for split in ("validation", "test"):
+        if split in splits and split in settings:
+            raise FtflowError(
+                f"datasets.{name}.splits.{split}: the source has its own {split} split; "
+                f"remove splits.{split} to use it"
+            )
+    missing = [s for s in ("validation", "test") if s not in splits]
+    if not missing:
+        return splits, {}
+    train = splits["train"]
+    total = len(train)
+    sizes = {split: _held_out_size(settings.get(split), total) for split in missing}
+    if sum(sizes.values()) >= total:
+        raise FtflowError(f"datasets.{name}.splits: holding out {sizes} leaves no training rows out of {total}")
+    order = list(range(total))
+    random.Random(settings.get("seed", 0)).shuffle(order)
+    out = dict(splits)
+    start = 0
+    for split in missing:
+        if sizes[split]:
+            out[split] = [train[i] for i in sorted(order[start : start + sizes[split]])]
+        start += sizes[split]
+    out["train"] = [train[i] for i in sorted(order[start:])]
+    return out, {split: size for split, size in sizes.items() if size}
