@@ -13,6 +13,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,20 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 METHODS = ("full", "lora", "qlora", "adalora")
 KINDS = ("text", "instruction", "chat")
 METRICS = ("exact_match", "json_field_accuracy", "rouge", "chrf", "bleu")
+# The numbers each metric writes to eval/metrics.json (any can be a primary
+# metric); the first is the primary metric when the config names none.
+METRIC_OUTPUTS = {
+    "exact_match": ("exact_match",),
+    "json_field_accuracy": ("json_field_accuracy", "invalid_json", "invalid_json_rate"),
+    "rouge": ("rougeL", "rouge1", "rouge2"),
+    "chrf": ("chrf",),
+    "bleu": ("bleu",),
+}
+LOSS_METRICS = ("eval_loss", "perplexity")
+
+
+def primary_metric_choices(metrics) -> tuple:
+    return (*[out for m in metrics for out in METRIC_OUTPUTS[m]], *LOSS_METRICS)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 FORMAT_VERSION = 1  # bump when the meaning of a resolved config changes
 
@@ -625,6 +640,138 @@ def _check_training(path: str, training: dict) -> None:
         raise ConfigError(f"{path}.max_steps", "must be > 0 (or -1 to train by epochs)")
 
 
+# --------------------------------------------------------------------------- methods
+
+
+def _check_best_model(path: str, training: dict) -> None:
+    """load_best_model_at_end needs checkpoints where evaluations are (TrainingArguments' rule), checked before any job."""
+    if not training.get("load_best_model_at_end"):
+        return
+    evaluate, save = training.get("eval_strategy", "no"), training.get("save_strategy", "steps")
+    if evaluate == "no":
+        raise ConfigError(f"{path}.load_best_model_at_end", "needs evaluations during training to pick the best checkpoint", "set eval_strategy: steps (or epoch)")
+    if evaluate != save:
+        raise ConfigError(f"{path}.save_strategy", f"{save!r} differs from eval_strategy {evaluate!r}; load_best_model_at_end needs a checkpoint at each evaluation")
+    every = training.get("eval_steps") or training.get("logging_steps", 1)
+    if save == "steps" and training["save_steps"] % every:
+        raise ConfigError(f"{path}.save_steps", f"{training['save_steps']} is not a multiple of eval_steps {every}; load_best_model_at_end needs a checkpoint at each evaluation")
+
+
+def optimizer_steps(train_rows: int, per_device_batch: int, accumulation: int, epochs: float, max_steps: int, processes: int = 1, drop_last: bool = False) -> int:
+    """Optimizer steps HF Trainer takes: max_steps when set, else epochs x ceil(batches / accumulation)."""
+    if max_steps and max_steps > 0:
+        return int(max_steps)
+    rows_per_batch = per_device_batch * processes
+    batches = train_rows // rows_per_batch if drop_last else math.ceil(train_rows / rows_per_batch)
+    per_epoch = max(math.ceil(batches / accumulation), 1)
+    return int(math.ceil(epochs * per_epoch))
+
+
+def adalora_schedule_problem(adalora: dict, total_step: int) -> str | None:
+    """Why an AdaLoRA schedule over `total_step` steps never prunes a rank, or None when it does."""
+    tinit, tfinal = adalora["tinit"], adalora["tfinal"]
+    if tinit < total_step - tfinal:
+        return None
+    return (
+        f"the schedule has no budgeting phase: tinit ({tinit}) >= total_step ({total_step}) - tfinal ({tfinal}) "
+        f"= {total_step - tfinal}, so no rank is ever pruned and AdaLoRA trains as plain LoRA; "
+        "lower adalora.tinit or adalora.tfinal, or train for more steps"
+    )
+
+
+def smoke_adalora_schedule(steps: int) -> dict:
+    """An AdaLoRA schedule laid over a smoke run's few steps, keeping all three phases.
+
+    The config's tinit/tfinal (hundreds of steps) would leave a 3-step smoke run
+    no budgeting phase. Over `steps` steps: warm-up for the first quarter, the
+    final (fixed-rank) phase for the last quarter but at least one step, and a
+    mask after every step in between; e.g. 3 steps: 0 warm-up, 1 budgeting, 1 final.
+    """
+    return {"tinit": steps // 4, "tfinal": max(1, steps // 4) if steps >= 2 else 0, "deltaT": 1}
+
+
+def _check_adalora_schedule(path: str, stage: StageSpec, dataset: DatasetSpec, workdir: str) -> None:
+    """Reject, before any job, a schedule with no budgeting phase whenever the step count is known now."""
+    training = stage.training
+    rows = None if training.get("max_steps", -1) > 0 else _known_train_rows(dataset, workdir)
+    if training.get("max_steps", -1) <= 0 and rows is None:
+        return  # counted exactly at train time (train.py checks again)
+    batch, accumulation = training["per_device_train_batch_size"], training.get("gradient_accumulation_steps", 1)
+    epochs = training.get("num_train_epochs", 1.0)
+    total = optimizer_steps(rows or 0, batch, accumulation, epochs, training.get("max_steps", -1), drop_last=bool(training.get("dataloader_drop_last")))
+    problem = adalora_schedule_problem(stage.adalora, total)
+    if problem:
+        how = (
+            f"training.max_steps {training['max_steps']}"
+            if training.get("max_steps", -1) > 0
+            else f"at most {rows} training rows of dataset {dataset.name!r} / batch {batch} / accumulation {accumulation} x {epochs:g} epochs"
+        )
+        raise ConfigError(f"{path}.adalora", f"{problem}; total_step {total} comes from {how}")
+
+
+def _known_train_rows(dataset: DatasetSpec, workdir: str) -> int | None:
+    """Training rows of a dataset when they can be counted without reading it: a generator's
+    `train` argument, or the lines of local .jsonl files less the held-out splits. An upper
+    bound (tokenization may drop rows), so a schedule it rejects fails for real. Text datasets
+    become blocks of tokens and are only counted at train time."""
+    import inspect
+
+    from .errors import FtflowError
+    from .sources import cut_splits, local_files
+
+    if dataset.kind == "text":
+        return None
+    source = dataset.source
+    own_splits = set(source) if isinstance(source, dict) else set()
+    if isinstance(source, str) and source.startswith("generator:"):
+        from .generators import GENERATORS
+
+        generate = GENERATORS[source.partition(":")[2]]
+        default = inspect.signature(generate).parameters.get("train")
+        rows = dataset.args.get("train", default.default if default is not None else None)
+        return rows if isinstance(rows, int) else None
+    pattern = source.get("train") if isinstance(source, dict) else source
+    if not isinstance(pattern, str) or pattern.partition(":")[0] in ("hub", "modelscope"):
+        return None  # counted only once downloaded
+    files = local_files(pattern, workdir)
+    if not files or not all(f.endswith(".jsonl") for f in files):
+        return None
+    lines = 0
+    for file in files:
+        with open(file, "rb") as handle:
+            lines += sum(1 for line in handle if line.strip())
+    if own_splits >= {"validation", "test"}:
+        return lines
+    splits = {"train": list(range(lines)), **{split: [] for split in own_splits - {"train"}}}
+    try:
+        return len(cut_splits(splits, dataset.splits, dataset.name)[0]["train"])
+    except FtflowError:  # tokenization reports an unusable split setting with its own message
+        return None
+
+
+def _check_adapter_continuation(path: str, stage: StageSpec, previous: StageSpec) -> None:
+    """`init_from: adapter` goes on training the previous stage's adapter, whose shape is fixed."""
+    where = f"{path}.init_from"
+    if previous.method == "full":
+        raise ConfigError(where, f"stage {previous.name!r} trains full weights and has no adapter to continue", "use 'merged'")
+    if stage.method == "full":
+        raise ConfigError(where, "a full fine-tuning stage has no adapter to continue one into", "use 'merged'")
+    family = {"lora": "lora", "qlora": "lora", "adalora": "adalora"}
+    if family[stage.method] != family[previous.method]:
+        raise ConfigError(where, f"cannot continue a {previous.method} adapter (stage {previous.name!r}) as {stage.method}", f"use method {previous.method} or init_from: merged")
+    # The continued adapter keeps its saved settings; a different value here would be ignored.
+    section = "lora" if family[stage.method] == "lora" else "adalora"
+    schedule_keys = {"target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight"}  # per stage
+    mine, theirs = getattr(stage, section), getattr(previous, section)
+    for key in sorted(set(mine) | set(theirs)):
+        if key not in schedule_keys and mine.get(key) != theirs.get(key):
+            raise ConfigError(
+                f"{path}.{section}.{key}",
+                f"{mine.get(key)!r} differs from stage {previous.name!r} ({theirs.get(key)!r}), whose adapter this stage continues with its saved settings",
+                "set the same value, or init_from: merged to start a new adapter",
+            )
+
+
 # --------------------------------------------------------------------------- models & datasets
 
 
@@ -657,8 +804,12 @@ def _resolve_dataset(name: str, raw: Any) -> DatasetSpec:
         if metric not in METRICS:
             raise ConfigError(f"{path}.metrics", f"unknown metric {metric!r}", f"one of {', '.join(METRICS)}")
     values["metrics"] = tuple(metrics)
-    if values.get("primary_metric") and values["primary_metric"] not in (*metrics, "eval_loss", "perplexity"):
-        raise ConfigError(f"{path}.primary_metric", f"{values['primary_metric']!r} is not among this dataset's metrics")
+    if values.get("primary_metric") and values["primary_metric"] not in primary_metric_choices(metrics):
+        raise ConfigError(
+            f"{path}.primary_metric",
+            f"{values['primary_metric']!r} is not a number this dataset's metrics report",
+            f"one of {', '.join(primary_metric_choices(metrics))}",
+        )
     if values.get("truncation", "drop") not in ("drop", "truncate"):
         raise ConfigError(f"{path}.truncation", f"unknown value {values['truncation']!r}", "drop or truncate")
     loss_on = values.get("loss_on")
@@ -916,12 +1067,24 @@ def _resolve_stage(
     if smoke:
         training["max_steps"] = min(training.get("max_steps", -1) if training.get("max_steps", -1) > 0 else 10**9, smoke["max_steps"])
         training["save_steps"] = max(1, min(training.get("save_steps", 50), smoke["max_steps"]))
+        if training.get("eval_strategy") == "steps":
+            training["eval_steps"] = training["save_steps"]  # evaluate at every (capped) checkpoint
         for key in ("warmup_steps",):
             if isinstance(training.get(key), (int, float)) and training[key] >= 1:
                 training[key] = 0
         max_length = min(max_length, smoke["max_length"])
     if method == "adalora" and adalora["target_r"] > adalora["init_r"]:
         raise ConfigError(f"{path}.adalora.target_r", f"target_r ({adalora['target_r']}) must be <= init_r ({adalora['init_r']})")
+    _check_best_model(f"{path}.training", training)
+    if method == "adalora":
+        if "total_step" in (merged.get("adalora") or {}):
+            raise ConfigError(f"{path}.adalora.total_step", "ftflow computes it from the data size, batch, accumulation and epochs (or max_steps)", "remove it")
+        if smoke:
+            adalora.update(smoke_adalora_schedule(training["max_steps"]))
+    if method == "qlora" and "gradient_checkpointing" not in training:
+        # The QLoRA recipe: with 4-bit weights, activations dominate memory.
+        # (`gradient_checkpointing` is transformers 5's deprecated alias of this key.)
+        training.setdefault("activation_checkpointing", True)
     if method in ("lora", "qlora") and lora["r"] < 1:
         raise ConfigError(f"{path}.lora.r", f"must be >= 1, got {lora['r']}")
     if index == 0 and init_from == "adapter":
@@ -1058,6 +1221,10 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
                 stage = StageSpec(**{**asdict(stage), "data_id": data_id_for(dataset, model, stage.max_length)})
                 if any(s.name == stage.name for s in stages):
                     raise ConfigError(f"{stage_path}.name", f"duplicate stage name {stage.name!r}")
+                if stage.init_from == "adapter":
+                    _check_adapter_continuation(stage_path, stage, stages[-1])
+                if stage.method == "adalora":
+                    _check_adalora_schedule(stage_path, stage, datasets[stage.dataset], workdir)
                 stages.append(stage)
         elif "stages" in exp:
             raise ConfigError(f"{path}.stages", "a baseline experiment evaluates the untuned model and has no stages")
@@ -1093,7 +1260,19 @@ def _resolve_eval(path, eval_raw, stages, datasets, smoke, data_id_for, model, d
     for metric in metrics:
         if metric not in METRICS:
             raise ConfigError(f"{path}.metrics", f"unknown metric {metric!r}", f"one of {', '.join(METRICS)}")
-    primary = values["primary_metric"] or dataset.primary_metric or (metrics[0] if metrics else "eval_loss")
+    if metrics and dataset.kind == "text":
+        raise ConfigError(
+            f"{path}.metrics",
+            f"dataset {dataset_name!r} is raw text: it has no prompts to generate answers from",
+            "score it by eval_loss/perplexity (metrics: []), or evaluate on a chat or instruction dataset",
+        )
+    primary = values["primary_metric"] or dataset.primary_metric or (METRIC_OUTPUTS[metrics[0]][0] if metrics else "eval_loss")
+    if primary not in primary_metric_choices(metrics):
+        raise ConfigError(
+            f"{path}.primary_metric",
+            f"{primary!r} is not a number the evaluation reports",
+            f"one of {', '.join(primary_metric_choices(metrics))}",
+        )
     # Every experiment is scored on the same tokens: the dataset's own max_length,
     # whatever a stage trained with, so rows of a sweep over max_length stay comparable.
     max_length = dataset.max_length

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 
 import torch
 
 from .atomic import read_json
-from .errors import FtflowError, StageError
+from .errors import StageError
 from .packing import pick_attention
 
 log = logging.getLogger("ftflow.models")
@@ -53,11 +52,17 @@ def check_precision(stage: dict, device: str, experiment: str) -> None:
                 f"training.{key}: mixed precision needs a GPU and none is visible here; remove it for CPU runs",
             )
     optim = str(training.get("optim", ""))
-    if ("paged" in optim or "bnb" in optim or "8bit" in optim) and device == "cpu":
+    if "paged" in optim or "bnb" in optim or "8bit" in optim:
+        # bitsandbytes 0.50 runs its (paged) optimizers on the CPU too; paging is then a no-op.
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
-            raise StageError(experiment, stage["name"], f"training.optim {optim!r} needs bitsandbytes") from err
+            raise StageError(
+                experiment,
+                stage["name"],
+                f"training.optim {optim!r} is a bitsandbytes optimizer and bitsandbytes cannot be imported here ({err}); "
+                "install bitsandbytes or use adamw_torch",
+            ) from err
 
 
 def load_model(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu", quantization: dict | None = None, attention: str | None = None):
@@ -101,26 +106,38 @@ def training_dtype(stage: dict) -> torch.dtype:
     return torch.float32  # fp16 trains with fp32 master weights under autocast
 
 
-def build_peft_config(stage: dict):
+def build_peft_config(stage: dict, total_step: int | None = None):
+    """The stage's PEFT config; AdaLoRA needs the run's optimizer step count (adalora.py)."""
     from peft import AdaLoraConfig, LoraConfig, TaskType
 
     if stage["method"] in ("lora", "qlora"):
         return LoraConfig(task_type=TaskType.CAUSAL_LM, **stage["lora"])
     if stage["method"] == "adalora":
-        values = dict(stage["adalora"])
-        values.setdefault("total_step", 1)  # replaced once the data size is known
-        return AdaLoraConfig(task_type=TaskType.CAUSAL_LM, **values)
+        return AdaLoraConfig(task_type=TaskType.CAUSAL_LM, total_step=total_step, **stage["adalora"])
     raise ValueError(stage["method"])
 
 
+def checkpoints_activations(training: dict) -> bool:
+    """Activation (gradient) checkpointing on? transformers 5 reads either name."""
+    return bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing"))
+
+
 def count_parameters(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters; PEFT counts a packed 4-bit weight as the values it holds."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
     return {"trainable": int(trainable), "total": int(total)}
 
 
-def setup_for_training(stage: dict, base_dir: str, adapter_dir: str | None, device: str):
-    """Model ready for the Trainer: full weights, or base (4-bit for QLoRA) + a trainable adapter."""
+def setup_for_training(stage: dict, base_dir: str, adapter_dir: str | None, device: str, total_step: int | None = None):
+    """Model ready for the Trainer: full weights, or base (4-bit for QLoRA) + a trainable adapter.
+
+    `adapter_dir` (init_from: adapter) continues the previous stage's adapter
+    with its saved settings; an AdaLoRA adapter takes this stage's schedule.
+    """
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     tokenizer = load_tokenizer(base_dir)
@@ -128,20 +145,27 @@ def setup_for_training(stage: dict, base_dir: str, adapter_dir: str | None, devi
     quant = stage["quantization"] if method == "qlora" else None
     model = load_model(base_dir, training_dtype(stage), device, quantization=quant)
     model.config.use_cache = False  # packed rows must not share a KV cache
-    gradient_checkpointing = bool(stage["training"].get("gradient_checkpointing"))
+    training = stage["training"]
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing and method != "full":
-        model.enable_input_require_grads()
-    if method != "full":
-        if adapter_dir:
-            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        else:
-            model = get_peft_model(model, build_peft_config(stage))
+        # Casts the layers left unquantized (norms, embeddings, head) to fp32 and makes the
+        # 4-bit model's inputs require grad; the Trainer turns on gradient checkpointing itself.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if method == "full":
+        return model, tokenizer, count_parameters(model)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        if method == "adalora":
+            from . import adalora
+
+            adalora.refresh_for_new_stage(model, stage["adalora"], total_step)
+    else:
+        model = get_peft_model(model, build_peft_config(stage, total_step))
+    if checkpoints_activations(training):
+        model.enable_input_require_grads()  # with a frozen base, reentrant checkpointing needs an input that requires grad
     return model, tokenizer, count_parameters(model)
 
 
-def load_training_data(data_dir: str, stage: dict):
+def load_training_data(data_dir: str, stage: dict, experiment: str):
     from datasets import load_from_disk
 
     def load(split):
@@ -155,7 +179,10 @@ def load_training_data(data_dir: str, stage: dict):
     train = load("train")
     evaluation = None
     if stage["training"].get("eval_strategy", "no") != "no":
-        evaluation = load("validation") or load("test")
+        # Never the test split: choosing the best checkpoint on it would leak it into the scores.
+        evaluation = load("validation")
+        if evaluation is None or len(evaluation) == 0:
+            raise StageError(experiment, stage["name"], f"training.eval_strategy: dataset {stage['dataset']!r} has no validation rows to evaluate on")
     return train, evaluation
 
 
@@ -169,55 +196,6 @@ def stage_fingerprint(experiment: dict, stage: dict) -> str:
     from .config import content_hash
 
     return content_hash({"stage": stage, "model": experiment["model"], "smoke": experiment.get("smoke")})
-
-
-# --------------------------------------------------------------------------- AdaLoRA
-
-
-def adalora_total_step(num_examples: int, args) -> int:
-    """Optimizer steps the Trainer will take (what AdaLoRA's schedule is laid over)."""
-    if args.max_steps and args.max_steps > 0:
-        return int(args.max_steps)
-    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    batches = math.ceil(num_examples / (args.per_device_train_batch_size * world))
-    per_epoch = max(batches // args.gradient_accumulation_steps, 1)
-    return int(math.ceil(args.num_train_epochs * per_epoch))
-
-
-def set_adalora_total_step(model, stage: dict, num_examples: int, args, experiment: str) -> int:
-    total = adalora_total_step(num_examples, args)
-    cfg = stage["adalora"]
-    if cfg["tinit"] >= total - cfg["tfinal"]:
-        raise StageError(
-            experiment,
-            stage["name"],
-            f"adalora schedule has no budgeting phase: tinit ({cfg['tinit']}) >= total_step ({total}) - tfinal "
-            f"({cfg['tfinal']}); total_step = {num_examples} examples / batch {args.per_device_train_batch_size} / "
-            f"accumulation {args.gradient_accumulation_steps} x {args.num_train_epochs} epochs"
-            + (f" (max_steps {args.max_steps})" if args.max_steps > 0 else "")
-            + ". Lower adalora.tinit/tfinal or train longer",
-        )
-    tuner = model.base_model
-    name = tuner.trainable_adapter_name
-    tuner.peft_config[name].total_step = total
-    tuner.rankallocator.peft_config.total_step = total
-    return total
-
-
-def adalora_total_rank(model) -> int:
-    return sum(adalora_ranks(model).values())
-
-
-def adalora_ranks(model) -> dict[str, int]:
-    """Current rank per module: the non-zero entries of each AdaLoRA E (lora_E) vector."""
-    ranks = {}
-    for name, module in model.named_modules():
-        lora_e = getattr(module, "lora_E", None)
-        if lora_e is None or not hasattr(lora_e, "items"):
-            continue
-        for adapter, param in lora_e.items():
-            ranks[name] = int((param.detach() != 0).sum())
-    return ranks
 
 
 def write_status_dir(out: str, status: str, reason: str) -> None:

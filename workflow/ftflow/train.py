@@ -1,16 +1,27 @@
 """train: one stage of one experiment, with the HF Trainer.
 
-    set up model -> set up data -> train (resuming from the last checkpoint) -> save
+    set up data -> set up model -> train (resuming from the last checkpoint) -> save
 
 Stage folder `results/{experiment}/{stage}/`:
-  checkpoints/         Trainer checkpoints while running (removed after success)
-  adapter/ | model/    the result (PEFT adapter, or full weights), renamed into place
-  tb/                  TensorBoard event files
+  checkpoints/         Trainer checkpoints while running (removed once the stage ends)
+  adapter/ | model/    the result (PEFT adapter, or full weights), renamed into place;
+                       never written for a diverged stage
+  tb/                  TensorBoard event files (train/ and eval/ scalars)
   train_metrics.json   written last: steps, tokens, tokens/s, losses, memory, status
+
+Resuming. A checkpoint is complete once its trainer_state.json is whole (the
+Trainer writes it last); ftflow's own progress (token counts, AdaLoRA's rank
+schedule) is written into the folder before it. A re-run of a killed job
+resumes from the newest complete checkpoint of the same stage config: the
+Trainer restores weights, optimizer, scheduler, RNG and data position; the
+divergence guard rebuilds its starting loss from the restored log; TensorBoard
+purges the steps the killed run logged after that checkpoint, so the curve
+continues instead of doubling back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,9 +31,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import models
+from . import adalora, models
 from .atomic import atomic_dir, read_json, write_json
 from .errors import FtflowError, StageError
 from .launch import data_parallel_training_values
@@ -32,6 +43,7 @@ from .provenance import provenance
 log = logging.getLogger("ftflow.train")
 
 STAGE_STAMP = "ftflow_stage.json"
+PROGRESS_FILE = "ftflow_progress.json"  # in each checkpoint: ftflow's counters at that step
 
 
 # --------------------------------------------------------------------------- trainer pieces
@@ -44,11 +56,13 @@ class FtflowTrainer(Trainer):
     predict a labelled token only: prompts and system turns cost no logits.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, adalora_budget: "adalora.AdaLoraBudgetCallback | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_seen = 0
         self.label_tokens_seen = 0
         self.nonfinite_loss = False
+        self.adalora_budget = adalora_budget
+        self.orthogonality_weight = adalora.adapter_config(self.model).orth_reg_weight if adalora_budget else 0.0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.tokens_seen += int(inputs["input_ids"].numel())
@@ -79,7 +93,31 @@ class FtflowTrainer(Trainer):
         else:
             self.loss_is_scaled_for_ga = False
             loss = loss / max(int(keep.numel()), 1)
+        if self.orthogonality_weight > 0:
+            penalty = self.orthogonality_weight * adalora.orthogonality_penalty(model)
+            # once per optimizer step, whatever the number of micro-batches it is spread over
+            loss = loss + (penalty / self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else penalty)
         return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (`_internal_call`) also carry ftflow's progress; AdaLoRA ones keep full-size ranks."""
+        if not (_internal_call and output_dir):
+            return super().save_model(output_dir, _internal_call)
+        if self.adalora_budget is None:
+            super().save_model(output_dir, _internal_call)
+        else:
+            with adalora.unpruned_save(self.model):
+                super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            # Written before the Trainer's trainer_state.json, which marks the checkpoint complete.
+            if self.adalora_budget is not None:
+                self.adalora_budget.save_state(output_dir)
+            write_json(os.path.join(output_dir, PROGRESS_FILE), {"tokens": self.tokens_seen, "label_tokens": self.label_tokens_seen})
+
+    def restore_progress(self, checkpoint: str) -> None:
+        """Counters and AdaLoRA schedule as they were at `checkpoint` (see save_model)."""
+        progress = read_json(os.path.join(checkpoint, PROGRESS_FILE))
+        self.tokens_seen, self.label_tokens_seen = progress["tokens"], progress["label_tokens"]
 
 
 class DivergenceGuard(TrainerCallback):
@@ -91,6 +129,11 @@ class DivergenceGuard(TrainerCallback):
         self.warmup_steps = warmup_steps
         self.start_losses: list[float] = []
         self.reason: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume the Trainer has restored the log of the steps before the checkpoint:
+        # the starting loss is theirs, not that of the first steps after the restart.
+        self.start_losses = [h["loss"] for h in state.log_history if "loss" in h][: self.warmup_steps]
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.nonfinite_loss and self.reason is None:
@@ -115,28 +158,25 @@ class DivergenceGuard(TrainerCallback):
             control.should_save = False
 
 
-class AdaLoraBudgetCallback(TrainerCallback):
-    """Calls AdaLoRA's `update_and_allocate` after every optimizer step.
+class AdaLoraRestore(TrainerCallback):
+    """Puts AdaLoRA's schedule state back once the Trainer has loaded a checkpoint's weights.
 
-    HF Trainer never calls it, so without this AdaLoRA trains as plain LoRA
-    with a fixed rank. Records the rank budget over time.
+    It cannot be earlier: with a rank pattern set, PEFT would cut the modules
+    to it while loading the checkpoint's full-size weights.
     """
 
-    def __init__(self, model):
-        self.model = model
-        self.budget: list[dict] = []
+    def __init__(self, budget: "adalora.AdaLoraBudgetCallback", checkpoint: str):
+        self.budget = budget
+        self.checkpoint = checkpoint
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        tuner = self.model.base_model
-        tuner.update_and_allocate(state.global_step)
-        if state.global_step % max(1, tuner.peft_config[tuner.trainable_adapter_name].deltaT) == 0:
-            self.budget.append({"step": state.global_step, "total_rank": models.adalora_total_rank(self.model)})
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.budget.load_state(self.checkpoint)
 
 
 # --------------------------------------------------------------------------- steps
 
 
-def _last_checkpoint(folder: str, stamp: dict) -> str | None:
+def _last_checkpoint(folder: str, stamp: dict, needs_adalora_state: bool) -> str | None:
     """The newest complete checkpoint of this exact stage config, else None (and stale ones removed)."""
     if not os.path.isdir(folder):
         return None
@@ -147,12 +187,21 @@ def _last_checkpoint(folder: str, stamp: dict) -> str | None:
     candidates = []
     for entry in os.listdir(folder):
         path = os.path.join(folder, entry)
-        if entry.startswith("checkpoint-") and os.path.exists(os.path.join(path, "trainer_state.json")):
-            try:
-                candidates.append((int(entry.split("-")[1]), path))
-            except ValueError:
-                continue
+        step = entry.removeprefix("checkpoint-")
+        if entry.startswith("checkpoint-") and step.isdigit() and _checkpoint_complete(path, needs_adalora_state):
+            candidates.append((int(step), path))
     return max(candidates)[1] if candidates else None
+
+
+def _checkpoint_complete(path: str, needs_adalora_state: bool) -> bool:
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+            json.load(handle)  # a kill mid-write leaves it truncated
+    except (OSError, ValueError):
+        return False
+    if not os.path.exists(os.path.join(path, PROGRESS_FILE)):
+        return False
+    return adalora.checkpoint_has_state(path) or not needs_adalora_state
 
 
 def _peak_memory_mb(device: str) -> dict:
@@ -168,6 +217,7 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     if stage is None:
         raise FtflowError(f"experiment {experiment['name']!r} has no stage {stage_name!r}")
     exp_name = experiment["name"]
+    method = stage["method"]
     metrics_path = os.path.join(out_dir, "train_metrics.json")
     os.makedirs(out_dir, exist_ok=True)
     # Data-parallel (launch.py): every process runs this function; only rank 0 writes the stage's files.
@@ -183,37 +233,46 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     models.check_precision(stage, device, exp_name)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one device per data-parallel process
-    torch.manual_seed(stage["training"].get("seed", 42))
 
-    # 1. model
-    model, tokenizer, trainable = models.setup_for_training(stage, base_dir, adapter_dir, device)
-
-    # 2. data
-    train_data, eval_data = models.load_training_data(data_dir, stage)
+    # 1. data
+    train_data, eval_data = models.load_training_data(data_dir, stage, exp_name)
     if len(train_data) == 0:
         raise StageError(exp_name, stage_name, "the training split is empty after tokenization")
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    args = build_training_arguments(stage, ckpt_dir, eval_data is not None, f"{exp_name}/{stage_name}", device)
+    total_step = adalora.check_schedule(exp_name, stage, len(train_data), args) if method == "adalora" else None
+
+    # 2. model (the adapter's initial weights come from the seed)
+    set_seed(args.seed)
+    model, tokenizer, trainable = models.setup_for_training(stage, base_dir, adapter_dir, device, total_step)
     collator = packing_collator() if stage["packing"] else models.padding_collator(tokenizer)
 
-    # 3. train
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    # 3. train, from the last complete checkpoint of this exact stage config
     tb_dir = os.path.join(out_dir, "tb")
-    stamp = {"config_hash": models.stage_fingerprint(experiment, stage), "base": os.path.abspath(base_dir)}
-    args = build_training_arguments(stage, ckpt_dir, eval_data is not None, f"{exp_name}/{stage_name}", device)
+    stamp = {"config_hash": models.stage_fingerprint(experiment, stage), "base": os.path.abspath(base_dir), "adapter": adapter_dir and os.path.abspath(adapter_dir)}
     # Rank 0 clears stale checkpoints first; the other processes then find the same checkpoint.
     with args.main_process_first(local=False, desc="checkpoint folder"):
-        resume = _last_checkpoint(ckpt_dir, stamp)
+        resume = _last_checkpoint(ckpt_dir, stamp, needs_adalora_state=method == "adalora")
         if is_main:
             if resume is None and os.path.isdir(tb_dir):
                 shutil.rmtree(tb_dir)
             os.makedirs(ckpt_dir, exist_ok=True)
             write_json(os.path.join(ckpt_dir, STAGE_STAMP), stamp)
+    resumed_from = int(os.path.basename(resume).split("-")[1]) if resume else 0
 
-    if stage["method"] == "adalora":
-        models.set_adalora_total_step(model, stage, len(train_data), args, exp_name)
+    budget = adalora.AdaLoraBudgetCallback(model) if method == "adalora" else None
+    callbacks: list[TrainerCallback] = []
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
 
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
+        # purge_step: TensorBoard drops what the killed run logged after the checkpoint (steps > resumed_from).
+        writer = SummaryWriter(log_dir=tb_dir, purge_step=resumed_from + 1 if resume else None)
+        callbacks.append(TensorBoardCallback(tb_writer=writer))
+    if budget is not None:
+        callbacks.append(budget)
+        if resume:
+            callbacks.append(AdaLoraRestore(budget, resume))
     trainer = FtflowTrainer(
         model=model,
         args=args,
@@ -221,27 +280,35 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tb_dir))] if is_main else [],
+        callbacks=callbacks,
+        adalora_budget=budget,
     )
     guard = DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"])
     trainer.add_callback(guard)
-    budget = None
-    if stage["method"] == "adalora":
-        budget = AdaLoraBudgetCallback(model)
-        trainer.add_callback(budget)
+    if resume:
+        trainer.restore_progress(resume)
+    tokens_before, label_tokens_before = trainer.tokens_seen, trainer.label_tokens_seen
 
-    resumed_from = int(os.path.basename(resume).split("-")[1]) if resume else 0
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.time() - started
+    if budget is not None and args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        # the Trainer reloaded the best checkpoint's weights; its rank pattern goes with them
+        adalora.adapter_config(trainer.model).rank_pattern = adalora.rank_pattern_of(trainer.state.best_model_checkpoint)
 
     # 4. save
     status = "diverged" if guard.reason else "ok"
-    tokens_seen, label_tokens_seen = _sum_over_processes(trainer, trainer.tokens_seen, trainer.label_tokens_seen)
+    tokens_seen, label_tokens_seen, tokens_this_run, label_tokens_this_run = _sum_over_processes(
+        trainer,
+        trainer.tokens_seen,
+        trainer.label_tokens_seen,
+        trainer.tokens_seen - tokens_before,
+        trainer.label_tokens_seen - label_tokens_before,
+    )
     if not is_main:
         return {"status": status, "rank": args.process_index}
     if status == "ok":
-        target = os.path.join(out_dir, "model" if stage["method"] == "full" else "adapter")
+        target = os.path.join(out_dir, "model" if method == "full" else "adapter")
         with atomic_dir(target) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -257,8 +324,9 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         "tokens": tokens_seen,
         "label_tokens": label_tokens_seen,
         "wall_seconds": round(wall, 2),
-        "tokens_per_second": round(tokens_seen / wall, 2) if wall > 0 else None,
-        "label_tokens_per_second": round(label_tokens_seen / wall, 2) if wall > 0 else None,
+        # throughput of this run only (a resumed run did not redo the steps before its checkpoint)
+        "tokens_per_second": round(tokens_this_run / wall, 2) if wall > 0 else None,
+        "label_tokens_per_second": round(label_tokens_this_run / wall, 2) if wall > 0 else None,
         "data_parallel": {
             "processes": args.world_size,
             "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -269,19 +337,34 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         "losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "best_checkpoint_step": _best_step(trainer) if args.load_best_model_at_end else None,
         "log_history": history,
         "trainable_parameters": trainable["trainable"],
         "total_parameters": trainable["total"],
+        "init_from": stage["init_from"] if stage["index"] > 0 else "base",
+        "continued_adapter": os.path.abspath(adapter_dir) if adapter_dir else None,
         **_peak_memory_mb(device),
     }
+    if method == "qlora":
+        extra["quantization"] = stage["quantization"]  # merge.py loads the base unquantized in its compute dtype
     if budget is not None:
-        extra["rank_budget"] = budget.budget
-        extra["final_ranks"] = models.adalora_ranks(trainer.model)
+        config = adalora.adapter_config(trainer.model)
+        extra["adalora"] = {
+            "total_step": config.total_step,
+            "target_budget": config.target_r * len(adalora.ranks(trainer.model)),
+            "rank_budget": budget.budget,
+            "final_ranks": adalora.ranks(trainer.model),
+        }
     if guard.reason:
         extra["reason"] = guard.reason
-    if status == "ok":
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # A diverged stage keeps nothing to resume from: re-running it with the same config diverges again.
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return _write_metrics(metrics_path, experiment, stage, status=status, **extra)
+
+
+def _best_step(trainer: Trainer) -> int | None:
+    best = trainer.state.best_model_checkpoint
+    return int(best.rsplit("-", 1)[1]) if best else None
 
 
 def _sum_over_processes(trainer: Trainer, *counts: int) -> list[int]:

