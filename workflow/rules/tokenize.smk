@@ -9,7 +9,10 @@ rule tokenize:
         f"{LOGS}/data/{{data_id}}.log",
     conda:
         "../../envs/ftflow.yaml"
-    threads: 1 if PLAN.smoke else 2
+    # Up to one datasets.map worker per 5,000 chat rows (data.ROWS_PER_PROCESS);
+    # Snakemake lowers this to --cores. Instruction and text rows run in one
+    # process: the fast tokenizer spreads each batch over the cores itself.
+    threads: 1 if PLAN.smoke else 8
     resources:
         mem_mb=8000,
         runtime=120,
