@@ -1,12 +1,21 @@
 """report: one table that answers "which config won, and why".
 
-Reads every experiment's config.json, train_metrics.json, eval/metrics.json and
-TensorBoard events; writes summary.csv, report.md, report.html and plots/*.png.
-Columns: the experiment, its stages and methods, only the settings that vary
-across experiments, cost (parameters, tokens, tokens/s, time, memory), losses,
-task metrics, status and the delta to the matching baseline. The best row per
-primary metric is marked. Experiments whose jobs failed appear as `failed`,
-with the first line of the error and the log path.
+Reads every experiment's config.json, train_metrics.json, eval/metrics.json
+and TensorBoard events; writes summary.csv, report.md, report.html and
+plots/*.png. One row per experiment and per untuned baseline:
+
+  best, rank      `*` on the best tuned row by the primary metric (ties broken
+                  by eval loss; a baseline is ranked but never marked best)
+  settings        the stages and methods, then only the settings that differ
+                  between experiments, with short names (lr, batch, r, ...)
+  cost            trainable parameters, steps, tokens, tokens/s, time, memory
+  quality         train loss, eval loss, perplexity, task metrics, delta
+                  against the baseline of the same model and eval data
+  status          ok, diverged, failed (with the error's first line and the
+                  log path) or not run
+
+The Snakefile's `onerror` handler writes the same report to report/partial/
+when jobs fail, so failed experiments show beside the ones that finished.
 """
 
 from __future__ import annotations
@@ -18,21 +27,63 @@ import json
 import math
 import os
 import re
+import shutil
 
 from .atomic import atomic_dir, read_json, write_text
+from .config import content_hash
+from .errors import FtflowError
 
-LOWER_IS_BETTER = {"eval_loss", "perplexity"}
-ERROR_LINE = re.compile(r"^(?:ftflow: error: |[A-Za-z_.]*(?:Error|Exception): )(.+)$")
+LOWER_IS_BETTER = {"eval_loss", "perplexity", "invalid_json", "invalid_json_rate"}
+PARTIAL_DIR = "partial"
+ERROR_LINE = re.compile(r"^(?:ftflow: error: |[A-Za-z_.]*(?:Error|Exception|Interrupt): )(.+)$")
+STATUS_ORDER = ("ok", "diverged", "failed", "not run")
+
+# Short column names, in column order, for the settings sweeps vary most; other keys show their last part.
+SHORT_NAMES = {
+    "training.learning_rate": "lr",
+    "training.per_device_train_batch_size": "batch",
+    "training.gradient_accumulation_steps": "accum",
+    "training.num_train_epochs": "epochs",
+    "training.warmup_steps": "warmup",
+    "training.lr_scheduler_type": "scheduler",
+    "lora.r": "r",
+    "lora.lora_alpha": "alpha",
+    "lora.lora_dropout": "dropout",
+    "lora.target_modules": "targets",
+    "max_length": "max_len",
+    "training.gradient_checkpointing": "grad_ckpt",
+}
+
+# (key, label, format, description) of the fixed columns after the settings.
+COST_AND_LOSS_COLUMNS = (
+    ("trainable_params", "trainable", "count", "trainable parameters (last stage)"),
+    ("steps", "steps", "int", "optimizer steps, all stages"),
+    ("train_tokens", "train tokens", "count", "tokens trained on, all stages (packed: no padding)"),
+    ("tokens_per_s", "tokens/s", "rate", "training throughput: train tokens / train time"),
+    ("train_seconds", "train time", "seconds", "training wall time, all stages"),
+    ("peak_mem_mb", "peak mem", "mb", "peak memory: allocated GPU memory on a GPU, process RSS on a CPU"),
+    ("final_train_loss", "train loss", "loss", "training loss at the last logged step"),
+    ("eval_loss", "eval loss", "loss", "mean cross-entropy per label token on the loss split"),
+    ("perplexity", "ppl", "loss", "exp(eval loss)"),
+)
+HIDDEN_METRICS = {"invalid_json_rate"}  # invalid_json (the count) is shown instead
 
 
 # --------------------------------------------------------------------------- collecting
 
 
-def _read(path: str):
+def _read_fresh(path: str, config_hash: str):
+    """The JSON at `path`, or None when missing, unreadable or written for another config.
+
+    A failed job leaves the outputs of an earlier config's run in place
+    downstream of it; their provenance hash tells them apart.
+    """
     try:
-        return read_json(path)
+        data = read_json(path)
     except (OSError, ValueError):
         return None
+    recorded = (data.get("provenance") or {}).get("config_hash")
+    return data if recorded in (None, config_hash) else None
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -40,85 +91,102 @@ def _flatten(prefix: str, value, out: dict) -> None:
         for key, sub in value.items():
             _flatten(f"{prefix}.{key}" if prefix else key, sub, out)
     else:
-        out[prefix] = json.dumps(value) if isinstance(value, list) else value
+        out[prefix] = value
 
 
 def stage_settings(stage: dict) -> dict:
     """The settings of one stage that matter for its method, flattened to dotted keys."""
-    out: dict = {}
-    for key in ("method", "dataset", "max_length", "packing", "init_from"):
-        out[key] = stage[key]
+    out: dict = {key: stage[key] for key in ("method", "dataset", "max_length", "packing", "init_from")}
     _flatten("training", stage["training"], out)
-    if stage["method"] in ("lora", "qlora"):
-        _flatten("lora", stage["lora"], out)
-    if stage["method"] == "qlora":
-        _flatten("quantization", stage["quantization"], out)
-    if stage["method"] == "adalora":
-        _flatten("adalora", stage["adalora"], out)
+    for section, methods in (("lora", ("lora", "qlora")), ("quantization", ("qlora",)), ("adalora", ("adalora",))):
+        if stage["method"] in methods:
+            _flatten(section, stage[section], out)
     return out
 
 
 def experiment_settings(config: dict) -> dict:
-    stages = config["stages"]
+    """Every setting of an experiment; a multi-stage experiment's keys start with `stage/`."""
     out: dict = {"model": config["model"]}
+    stages = config["stages"]
     for stage in stages:
-        prefix = "" if len(stages) == 1 else f"{stage['name']}."
+        prefix = "" if len(stages) == 1 else f"{stage['name']}/"
         for key, value in stage_settings(stage).items():
             out[prefix + key] = value
+    for key in ("dataset", "split", "max_new_tokens", "do_sample", "temperature", "top_p", "max_examples"):
+        out[f"eval.{key}"] = config["eval"][key]
     return out
 
 
 def first_error(log_path: str) -> str | None:
-    """The first line that reads like the error of a failed job's log."""
+    """The line of a failed job's log that says what went wrong."""
     try:
         with open(log_path, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
+            lines = [line.strip() for line in handle.read().splitlines() if line.strip()]
     except OSError:
         return None
     for line in lines:
-        match = ERROR_LINE.match(line.strip())
-        if match and line.strip().startswith("ftflow: error:"):
-            return match.group(1)[:300]
-    for line in reversed(lines):
-        match = ERROR_LINE.match(line.strip())
-        if match:
-            return line.strip()[:300]
-    return None
+        if line.startswith("ftflow: error:"):
+            return line[len("ftflow: error:") :].strip()[:300]
+    for line in reversed(lines):  # the last line of a traceback names the exception
+        if ERROR_LINE.match(line):
+            return line[:300]
+    return lines[-1][:300] if lines else None
+
+
+def job_chain(results: str, logs: str, config: dict) -> list[tuple[str, str, str]]:
+    """(step, output, log) of every job an experiment's evaluation needs, in run order.
+
+    The paths mirror the rules in workflow/rules/*.smk.
+    """
+    model = config["model"] + (".smoke" if config.get("smoke") else "")
+    chain = [("prepare_model", f"{results}/models/{model}", f"{logs}/models/{model}.log")]
+    data_ids = list(dict.fromkeys([s["data_id"] for s in config["stages"]] + [config["eval"]["data_id"]]))
+    chain += [("tokenize", f"{results}/data/{d}", f"{logs}/data/{d}.log") for d in data_ids]
+    name, stages = config["name"], config["stages"]
+    for i, stage in enumerate(stages):
+        where = f"{results}/{name}/{stage['name']}"
+        chain.append((f"{stage['name']}/train", f"{where}/train_metrics.json", f"{logs}/{name}/{stage['name']}/train.log"))
+        merged_needed = i == len(stages) - 1 or stages[i + 1]["init_from"] == "merged"
+        if merged_needed:
+            chain.append((f"{stage['name']}/merge", f"{where}/merged", f"{logs}/{name}/{stage['name']}/merge.log"))
+    chain.append(("evaluate", f"{results}/{name}/eval/metrics.json", f"{logs}/{name}/eval.log"))
+    return chain
+
+
+def find_failure(results: str, logs: str, config: dict, config_mtime: float) -> dict:
+    """The first job of the chain without its output: failed if it left a log for this config, else not run."""
+    for step, output, log in job_chain(results, logs, config):
+        if os.path.exists(output):
+            continue
+        if os.path.exists(log) and os.path.getmtime(log) >= config_mtime:
+            return {"status": "failed", "where": step, "log": log, "error": first_error(log)}
+        return {"status": "not run", "where": step, "log": None, "error": None}
+    return {"status": "failed", "where": "evaluate", "log": None, "error": "eval/metrics.json is unreadable"}
 
 
 def collect(results: str, logs: str, experiments: list[str]) -> list[dict]:
     rows = []
     for name in experiments:
-        config = _read(os.path.join(results, name, "config.json"))
-        if config is None:
+        config_path = os.path.join(results, name, "config.json")
+        try:
+            config = read_json(config_path)
+        except (OSError, ValueError):
             continue
-        row = {"experiment": name, "config": config, "stages": [], "status": "ok"}
-        error = None
-        for stage in config["stages"]:
-            tm = _read(os.path.join(results, name, stage["name"], "train_metrics.json"))
-            if tm is None:
-                row["status"] = "failed"
-                log_path = os.path.join(logs, name, stage["name"], "train.log")
-                error = error or {"where": f"{stage['name']}/train", "log": log_path, "error": first_error(log_path)}
-            elif tm["status"] != "ok" and row["status"] == "ok":
-                row["status"] = tm["status"]
-                error = error or {"where": f"{stage['name']}/train", "error": tm.get("reason")}
-            row["stages"].append(tm)
-        ev = _read(os.path.join(results, name, "eval", "metrics.json"))
-        if ev is None and row["status"] == "ok":
-            row["status"] = "failed"
-            log_path = os.path.join(logs, name, "eval.log")
-            if not config["stages"] or all(row["stages"]):
-                # the train jobs finished: the merge or the evaluation failed
-                for candidate in [os.path.join(logs, name, s["name"], "merge.log") for s in config["stages"]] + [log_path]:
-                    message = first_error(candidate)
-                    if message:
-                        error = {"where": os.path.basename(candidate), "log": candidate, "error": message}
-                        break
-                else:
-                    error = {"where": "eval", "log": log_path, "error": None}
-        row["eval"] = ev
-        row["error"] = error
+        digest = content_hash(config)
+        stages = [_read_fresh(os.path.join(results, name, s["name"], "train_metrics.json"), digest) for s in config["stages"]]
+        evaluation = _read_fresh(os.path.join(results, name, "eval", "metrics.json"), digest)
+        row = {"experiment": name, "config": config, "stages": stages, "eval": evaluation, "status": "ok", "problem": None}
+        stopped = next((m for m in stages if m and m["status"] != "ok"), None)
+        if stopped is not None:
+            row["status"] = stopped["status"]
+            row["problem"] = {"where": f"{stopped['stage']}/train", "error": stopped.get("reason"), "log": None}
+        elif evaluation is None:
+            failure = find_failure(results, logs, config, os.path.getmtime(config_path))
+            row["status"] = failure.pop("status")
+            row["problem"] = failure
+        elif evaluation["status"] != "ok":
+            row["status"] = evaluation["status"]
+            row["problem"] = {"where": "evaluate", "error": evaluation.get("reason"), "log": None}
         rows.append(row)
     return rows
 
@@ -126,222 +194,336 @@ def collect(results: str, logs: str, experiments: list[str]) -> list[dict]:
 # --------------------------------------------------------------------------- table
 
 
-def _fmt(value, digits: int = 4):
-    if value is None:
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def short_names(keys: list[str], taken: set[str]) -> dict[str, str]:
+    """{full key: column label}; a label two keys would share falls back to the full keys."""
+    labels = {}
+    for key in keys:
+        stage, _, dotted = key.rpartition("/")
+        label = SHORT_NAMES.get(dotted, dotted.split(".")[-1])
+        labels[key] = f"{stage}/{label}" if stage else label
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {key: (label if counts[label] == 1 and label not in taken else key) for key, label in labels.items()}
+
+
+def stages_text(config: dict) -> str:
+    stages = config["stages"]
+    if not stages:
+        return "untuned"
+    if len(stages) == 1:
+        return stages[0]["method"]
+    return " > ".join(f"{s['name']}:{s['method']}" for s in stages)
+
+
+def _row_line(row: dict, settings: dict) -> dict:
+    ev = row["eval"] or {}
+    done = [m for m in row["stages"] if m]
+    tokens = sum(m.get("tokens") or 0 for m in done)
+    seconds = sum(m.get("wall_seconds") or 0 for m in done)
+    peaks = [m.get("peak_gpu_mb") or m.get("peak_rss_mb") for m in done]
+    line = {
+        "experiment": row["experiment"],
+        "stages": stages_text(row["config"]),
+        "trainable_params": done[-1].get("trainable_parameters") if done else None,
+        "steps": sum(m.get("steps") or 0 for m in done) if done else None,
+        "train_tokens": tokens if done else None,
+        "tokens_per_s": tokens / seconds if done and seconds else None,
+        "train_seconds": seconds if done else None,
+        "peak_mem_mb": max((p for p in peaks if p), default=None),
+        "final_train_loss": done[-1].get("final_loss") if done else None,
+        "eval_loss": ev.get("eval_loss"),
+        "perplexity": ev.get("perplexity"),
+        "status": row["status"],
+        "_baseline": bool(row["config"]["baseline"]),
+        "_settings": settings,
+        "_group": (row["config"]["eval"]["dataset"], row["config"]["eval"]["primary_metric"] or "eval_loss"),
+        "_base_key": (row["config"]["model"], row["config"]["eval"]["data_id"]),
+    }
+    for key, value in (ev.get("metrics") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # per_field is a dict: metrics.json has it
+            line[key] = value
+    problem = row["problem"] or {}
+    parts = [p for p in (problem.get("where"), problem.get("error")) if p]
+    line["note"] = ": ".join(parts)
+    line["log"] = problem.get("log") or ""
+    return line
+
+
+def rank_group(group: dict, lines: list[dict]) -> list[dict]:
+    """Mark the best tuned row(s), rank the tuned rows and return the group's rows in table order."""
+    primary, lower = group["primary"], group["lower_is_better"]
+    sign = 1.0 if lower else -1.0
+
+    def sort_key(line):
+        loss = _number(line.get("eval_loss"))
+        return (sign * _number(line.get(primary)), loss if loss is not None else math.inf)
+
+    scored = [line for line in lines if line["status"] == "ok" and _number(line.get(primary)) is not None]
+    scored.sort(key=lambda line: (*sort_key(line), line["_baseline"]))  # a tie puts the tuned row first
+    tuned = [line for line in scored if not line["_baseline"]]
+    group["tie_on_primary"] = len(tuned) > 1 and len({_number(line[primary]) for line in tuned}) == 1
+    previous, rank = None, 0
+    for position, line in enumerate(tuned, start=1):
+        key = sort_key(line)
+        rank = rank if key == previous else position  # competition ranking: 1, 1, 3
+        previous = key
+        line["rank"] = rank
+    winners = [line for line in tuned if line["rank"] == 1]
+    group["all_tied"] = len(tuned) > 1 and len(winners) == len(tuned)
+    if not group["all_tied"]:
+        for line in winners:
+            line["best"] = "*"
+    group["best"] = [line["experiment"] for line in winners] if not group["all_tied"] else []
+    rest = [line for line in lines if line not in scored]
+    rest.sort(key=lambda line: STATUS_ORDER.index(line["status"]) if line["status"] in STATUS_ORDER else len(STATUS_ORDER))
+    return scored + rest
+
+
+def build_table(rows: list[dict]) -> dict:
+    """The table: columns (key, label, format, description), lines in display order, groups, settings."""
+    tuned = [r for r in rows if not r["config"]["baseline"]]
+    settings = {r["experiment"]: experiment_settings(r["config"]) for r in rows}
+    keys = sorted({k for r in tuned for k in settings[r["experiment"]]})
+    varied = [k for k in keys if len({json.dumps(settings[r["experiment"]].get(k), sort_keys=True) for r in tuned}) > 1]
+    varied = [k for k in varied if k.rpartition("/")[2] != "method"]  # the stages column shows methods
+    preferred = list(SHORT_NAMES)
+    varied.sort(key=lambda k: (k.rpartition("/")[0], preferred.index(k.rpartition("/")[2]) if k.rpartition("/")[2] in preferred else len(preferred), k))
+    shared = {k: settings[tuned[0]["experiment"]].get(k) for k in keys if k not in varied} if tuned else {}
+
+    lines = []
+    for row in rows:
+        line = _row_line(row, settings[row["experiment"]])
+        line.update({k: settings[row["experiment"]].get(k) for k in varied})
+        line.setdefault("best", "")
+        line.setdefault("rank", None)
+        lines.append(line)
+
+    metric_names: list[str] = []
+    for row in rows:
+        for key, value in ((row["eval"] or {}).get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and key not in metric_names and key not in HIDDEN_METRICS:
+                metric_names.append(key)
+
+    group_keys = list(dict.fromkeys(line["_group"] for line in lines))
+    groups, ordered = [], []
+    for key in group_keys:
+        dataset, primary = key
+        group = {"key": key, "dataset": dataset, "primary": primary, "lower_is_better": primary in LOWER_IS_BETTER}
+        members = [line for line in lines if line["_group"] == key]
+        ordered.extend(rank_group(group, members))
+        groups.append(group)
+    baselines = {line["_base_key"]: line for line in lines if line["_baseline"]}
+    for line in lines:
+        primary = line["_group"][1]
+        base = baselines.get(line["_base_key"])
+        value, reference = _number(line.get(primary)), _number((base or {}).get(primary))
+        delta = value - reference if not line["_baseline"] and value is not None and reference is not None else None
+        line[f"delta_{primary}"] = delta
+    for group in groups:
+        base = next((line for line in lines if line["_group"] == group["key"] and line["_baseline"]), None)
+        group["baseline_value"] = _number((base or {}).get(group["primary"]))
+
+    taken = {"best", "rank", "experiment", "stages", "status", "note", "log"} | {c[0] for c in COST_AND_LOSS_COLUMNS} | set(metric_names)
+    labels = short_names(varied, taken)
+    primaries = list(dict.fromkeys(group["primary"] for group in groups))
+    columns = [
+        ("best", "best", "text", "* marks the best tuned row by the primary metric"),
+        ("rank", "rank", "int", "rank of the tuned rows by the primary metric, ties broken by eval loss"),
+        ("experiment", "experiment", "text", "experiment name"),
+        ("stages", "stages", "text", "method, or stage:method per stage"),
+        *[(key, labels[key], "setting", key) for key in varied],
+        *COST_AND_LOSS_COLUMNS,
+        *[(name, name, "metric", f"task metric {name} on the generated answers") for name in metric_names if name not in ("eval_loss", "perplexity")],
+        *[(f"delta_{p}", f"Δ {p}", "delta", f"{p} minus the untuned baseline's") for p in primaries],
+        ("status", "status", "text", "ok, diverged, failed or not run"),
+        ("note", "note", "text", "where and why a run did not finish ok"),
+        ("log", "log", "text", "log of the failed job"),
+    ]
+    if not any(line["log"] for line in lines):
+        columns = [c for c in columns if c[0] != "log"]
+    settings_list = [{"key": key, "short": labels[key]} for key in varied]
+    return {"columns": columns, "lines": ordered, "groups": groups, "settings": settings_list, "shared": shared}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _compact_float(value: float) -> str:
+    """5e-05 -> 5e-5, 0.0015 -> 1.5e-3, 0.05 -> 0.05, 1e+20 -> 1e20."""
+    text = f"{value:.3g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if 0 < abs(value) < 0.01:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return text
+
+
+def format_value(kind: str, value) -> str:
+    if value is None or value == "":
         return ""
     if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
+        return "on" if value else "off"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if kind == "count" and isinstance(value, (int, float)):
+        for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+            if abs(value) >= size:
+                return f"{value / size:.3g}{suffix}"
+        return str(int(value))
+    if kind == "int" and isinstance(value, (int, float)):
+        return str(int(value))
+    if kind == "rate" and isinstance(value, (int, float)):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+    if kind == "seconds" and isinstance(value, (int, float)):
+        if value < 60:
+            return f"{value:.1f}s"
+        minutes, seconds = divmod(int(round(value)), 60)
+        return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+    if kind == "mb" and isinstance(value, (int, float)):
+        return f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.0f} MiB"
+    if kind == "loss" and isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    if kind == "metric" and isinstance(value, (int, float)):
+        if isinstance(value, int):
             return str(value)
-        return f"{value:.{digits}g}"
+        return f"{value:.3f}" if abs(value) <= 1 else f"{value:.2f}"
+    if kind == "delta" and isinstance(value, (int, float)):
+        return f"{value:+.3f}" if abs(value) <= 1 else f"{value:+.3g}"
+    if kind == "setting":
+        if isinstance(value, float):
+            return _compact_float(value)
+        if isinstance(value, (list, dict)):
+            return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 
-def build_table(rows: list[dict]) -> tuple[list[str], list[dict], dict]:
-    """Return (columns, table rows, info) with only the varying settings as columns."""
-    tuned = [r for r in rows if not r["config"]["baseline"]]
-    settings = {r["experiment"]: experiment_settings(r["config"]) for r in tuned}
-    keys = sorted({k for s in settings.values() for k in s})
-    varied = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings.values()}) > 1]
-    if "method" not in varied and any("method" in s for s in settings.values()):
-        varied.insert(0, "method")
-    metric_names: list[str] = []
-    for r in rows:
-        for key, value in ((r["eval"] or {}).get("metrics") or {}).items():
-            if isinstance(value, (int, float)) and key not in metric_names:
-                metric_names.append(key)
-    primary = next((r["config"]["eval"]["primary_metric"] for r in rows if r["config"]["eval"].get("primary_metric")), "eval_loss")
-
-    table = []
-    for r in rows:
-        ev = r["eval"] or {}
-        stages = [s for s in r["stages"] if s]
-        line = {
-            "experiment": r["experiment"],
-            "stages": " > ".join(f"{s['name']}:{s['method']}" for s in r["config"]["stages"]) or "(untuned)",
-        }
-        for key in varied:
-            line[key] = settings.get(r["experiment"], {}).get(key)
-        last = stages[-1] if stages else {}
-        line.update(
-            {
-                "trainable_params": last.get("trainable_parameters"),
-                "train_tokens": sum(s.get("tokens", 0) for s in stages) if stages else None,
-                "tokens_per_s": last.get("tokens_per_second"),
-                "train_seconds": round(sum(s.get("wall_seconds", 0) for s in stages), 1) if stages else None,
-                "peak_mem_mb": max((s.get("peak_gpu_mb") or s.get("peak_rss_mb") or 0) for s in stages) if stages else None,
-                "final_train_loss": last.get("final_loss"),
-                "eval_loss": ev.get("eval_loss"),
-                "perplexity": ev.get("perplexity"),
-            }
-        )
-        for name in metric_names:
-            line[name] = (ev.get("metrics") or {}).get(name)
-        line["status"] = r["status"]
-        line["note"] = ""
-        if r["error"]:
-            parts = [p for p in (r["error"].get("where"), r["error"].get("error")) if p]
-            if r["error"].get("log"):
-                parts.append(f"log: {r['error']['log']}")
-            line["note"] = "; ".join(parts)
-        table.append(line)
-
-    # delta against the matching baseline and the best mark
-    baselines = {(r["config"]["model"], r["config"]["eval"]["data_id"]): r for r in rows if r["config"]["baseline"]}
-    def value_of(line):
-        value = line.get(primary)
-        return value if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) else None
-
-    for r, line in zip(rows, table):
-        base = baselines.get((r["config"]["model"], r["config"]["eval"]["data_id"]))
-        base_line = table[rows.index(base)] if base is not None else None
-        if base_line is not None and not r["config"]["baseline"] and value_of(line) is not None and value_of(base_line) is not None:
-            line[f"delta_{primary}"] = value_of(line) - value_of(base_line)
-        else:
-            line[f"delta_{primary}"] = None
-    candidates = [line for line in table if line["status"] == "ok" and value_of(line) is not None]
-    best = None
-    if candidates:
-        pick = min if primary in LOWER_IS_BETTER else max
-        best = pick(candidates, key=value_of)
-    for line in table:
-        line["best"] = "*" if line is best else ""
-
-    columns = ["best", "experiment", "stages", *varied, "trainable_params", "train_tokens", "tokens_per_s",
-               "train_seconds", "peak_mem_mb", "final_train_loss", "eval_loss", "perplexity", *metric_names,
-               f"delta_{primary}", "status", "note"]
-    return columns, table, {"primary": primary, "varied": varied, "best": best["experiment"] if best else None}
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def read_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} from TensorBoard event files; the last value per step wins."""
-    if not os.path.isdir(tb_dir):
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags().get("scalars", []):
-        by_step = {}
-        for event in acc.Scalars(tag):
-            by_step[event.step] = event.value
-        out[tag] = sorted(by_step.items())
-    return out
-
-
-def make_plots(rows: list[dict], table: list[dict], info: dict, results: str, plot_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    curves = {}
-    for r in rows:
-        for stage in r["config"]["stages"]:
-            scalars = read_scalars(os.path.join(results, r["experiment"], stage["name"], "tb"))
-            label = r["experiment"] if len(r["config"]["stages"]) == 1 else f"{r['experiment']}/{stage['name']}"
-            curves[label] = scalars
-    for tag, title, filename in (("train/loss", "Training loss", "train_loss.png"), ("eval/loss", "Validation loss", "eval_loss.png")):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        drawn = 0
-        for label, scalars in curves.items():
-            points = scalars.get(tag)
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=label, marker="." if len(points) < 30 else None)
-                drawn += 1
-        if not drawn:
-            plt.close(fig)
-            continue
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2 if drawn > 8 else 1)
-        fig.tight_layout()
-        fig.savefig(os.path.join(plot_dir, filename), dpi=110)
-        plt.close(fig)
-        written.append(filename)
-
-    primary = info["primary"]
-    values = [(line["experiment"], line.get(primary), line["status"]) for line in table]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(values) + 2), 4.5))
-    names = [v[0] for v in values]
-    heights = [v[1] if isinstance(v[1], (int, float)) and v[2] == "ok" else 0 for v in values]
-    colors = ["#2b8a3e" if line["best"] else ("#c92a2a" if line["status"] != "ok" else "#4c6ef5") for line in table]
-    ax.bar(range(len(names)), heights, color=colors)
-    for i, (_, value, status) in enumerate(values):
-        if status != "ok":
-            ax.text(i, 0, status, ha="center", va="bottom", rotation=90, color="#c92a2a", fontsize=8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel(primary)
-    ax.set_title(f"{primary} per experiment (green: best, red: not ok)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(plot_dir, "primary_metric.png"), dpi=110)
-    plt.close(fig)
-    written.append("primary_metric.png")
-
-    for key in info["varied"]:
-        points = [(line.get(key), line.get(primary)) for line in table if line["status"] == "ok" and line.get(key) is not None]
-        points = [(x, y) for x, y in points if isinstance(y, (int, float))]
-        if len({json.dumps(x, default=str) for x, _ in points}) < 2:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in points)
-        xs = [x if numeric else str(x) for x, _ in points]
-        ax.scatter(xs, [y for _, y in points], color="#4c6ef5")
-        if numeric and key.endswith("learning_rate"):
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(primary)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        filename = "vs_" + re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".png"
-        fig.savefig(os.path.join(plot_dir, filename), dpi=110)
-        plt.close(fig)
-        written.append(filename)
-    return written
+def headline(group: dict, table: dict) -> str:
+    """One sentence per group: who won, by how much, and with which settings."""
+    primary, lines = group["primary"], [line for line in table["lines"] if line["_group"] == group["key"]]
+    by_name = {line["experiment"]: line for line in lines}
+    tuned = [line for line in lines if not line["_baseline"]]
+    finished = [line for line in tuned if line["status"] == "ok"]
+    text = f"{primary} on {group['dataset']} ({'lower' if group['lower_is_better'] else 'higher'} is better): "
+    if not finished:
+        return text + "no tuned run finished."
+    if group["all_tied"]:
+        return text + f"all {len(finished)} finished runs tie, on eval loss too; no best row."
+    best = [by_name[name] for name in group["best"]]
+    value = format_value("metric", best[0].get(primary)) if primary not in LOWER_IS_BETTER else format_value("loss", best[0].get(primary))
+    names = ", ".join(line["experiment"] for line in best)
+    text += f"best {names} at {value}"
+    if group["baseline_value"] is not None:
+        delta = best[0].get(f"delta_{primary}")
+        text += f" ({format_value('delta', delta)} against the untuned baseline's {format_value('metric', group['baseline_value'])})"
+    if group["tie_on_primary"]:
+        text += f"; every finished run scores the same {primary}, so eval loss decides"
+    elif len(best) > 1:
+        text += " (a tie)"
+    base = by_name.get(next((line["experiment"] for line in lines if line["_baseline"]), ""), None)
+    if base is not None and base.get("rank") is None and _number(base.get(primary)) is not None:
+        beaten_by = [line for line in finished if line.get("rank") and lines.index(line) < lines.index(base)]
+        if not beaten_by:
+            text += "; no tuned run beats the untuned baseline"
+    chosen = [f"{s['short']} {format_value('setting', best[0]['_settings'].get(s['key']))}" for s in table["settings"]]
+    if chosen:
+        text += ". Its settings: " + ", ".join(chosen)
+    not_ok = [line for line in tuned if line["status"] != "ok"]
+    if not_ok:
+        text += ". Not finished: " + ", ".join(f"{line['experiment']} ({line['status']})" for line in not_ok)
+    return text + "."
 
 
 # --------------------------------------------------------------------------- writers
 
 
-def to_csv(columns: list[str], table: list[dict]) -> str:
+def to_csv(table: dict) -> str:
+    """Full setting keys and unrounded numbers, for scripts and spreadsheets."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for line in table:
-        writer.writerow({c: _fmt(line.get(c), 8) if isinstance(line.get(c), float) else line.get(c) for c in columns})
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = table["columns"]
+    writer.writerow([key for key, *_ in columns])
+    for line in table["lines"]:
+        cells = []
+        for key, *_ in columns:
+            value = line.get(key)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, (list, dict)):
+                value = json.dumps(value, ensure_ascii=False)
+            cells.append("" if value is None else value)
+        writer.writerow(cells)
     return buffer.getvalue()
 
 
-def to_markdown(columns: list[str], table: list[dict], info: dict, title: str) -> str:
+def _problems(table: dict) -> list[dict]:
+    return [line for line in table["lines"] if line["status"] != "ok"]
+
+
+def _abbreviations(table: dict) -> str:
+    pairs = [f"{s['short']} = {s['key']}" for s in table["settings"] if s["short"] != s["key"]]
+    return "; ".join(pairs)
+
+
+def _shared_text(table: dict) -> list[str]:
+    return [f"{key}: {'none' if value is None else format_value('setting', value)}" for key, value in table["shared"].items()]
+
+
+def _clip(text: str, width: int = 90) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def to_markdown(table: dict, plots: list[str], title: str) -> str:
+    columns = [c for c in table["columns"] if c[0] != "log"]
     out = [f"# {title}", ""]
-    out.append(f"Primary metric: `{info['primary']}`; best: **{info['best'] or 'none'}** (marked `*`).")
+    out += [f"- {headline(group, table)}" for group in table["groups"]]
     out.append("")
-    out.append("| " + " | ".join(columns) + " |")
-    out.append("|" + "---|" * len(columns))
-    for line in table:
-        out.append("| " + " | ".join(_fmt(line.get(c)).replace("|", "\\|") for c in columns) + " |")
+    out.append("| " + " | ".join(label for _, label, _, _ in columns) + " |")
+    out.append("|" + "|".join("---" if kind == "text" else "--:" for _, _, kind, _ in columns) + "|")
+    for line in table["lines"]:
+        cells = []
+        for key, _, kind, _ in columns:
+            text = format_value(kind, line.get(key))
+            text = _clip(text) if key == "note" else text
+            cells.append(f"**{text}**" if line["best"] and key == "experiment" else text.replace("|", "\\|"))
+        out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    if _abbreviations(table):
+        out += [f"Columns: {_abbreviations(table)}.", ""]
+    problems = _problems(table)
+    if problems:
+        out += ["## Runs that did not finish", ""]
+        for line in problems:
+            where = f" (log: `{line['log']}`)" if line["log"] else ""
+            out.append(f"- **{line['experiment']}**: {line['status']}; {line['note'] or 'no error recorded'}{where}")
+        out.append("")
+    if table["shared"]:
+        out += ["## Settings shared by every tuned experiment", "", ", ".join(f"`{t}`" for t in _shared_text(table)), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     return "\n".join(out)
 
 
 SORT_SCRIPT = """
-document.querySelectorAll('th').forEach(function (th, col) {
+document.querySelectorAll('table.runs th').forEach(function (th, col) {
   th.addEventListener('click', function () {
     var body = th.closest('table').tBodies[0];
-    var rows = Array.from(body.rows);
     var asc = th.dataset.dir !== 'asc';
+    document.querySelectorAll('table.runs th').forEach(function (h) { delete h.dataset.dir; });
     th.dataset.dir = asc ? 'asc' : 'desc';
+    var rows = Array.from(body.rows);
     rows.sort(function (a, b) {
       var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      if (x === '' && y !== '') return 1;   // empty cells last, either direction
+      if (y === '' && x !== '') return -1;
       var nx = parseFloat(x), ny = parseFloat(y);
       var cmp = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : String(x).localeCompare(String(y));
       return asc ? cmp : -cmp;
@@ -352,56 +534,105 @@ document.querySelectorAll('th').forEach(function (th, col) {
 """
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #212529; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { border: 1px solid #dee2e6; padding: 4px 8px; text-align: right; white-space: nowrap; }
-th { background: #f1f3f5; cursor: pointer; position: sticky; top: 0; }
-td.text { text-align: left; }
-tr.best { background: #d3f9d8; font-weight: 600; }
-tr.diverged, tr.failed { background: #fff5f5; color: #c92a2a; }
-img { max-width: 48%; margin: 1%; border: 1px solid #dee2e6; }
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #212529; }
+h1 { font-size: 1.5em; margin-bottom: .3em; }
+ul.headlines { padding-left: 1.2em; line-height: 1.45; }
+.wrap { overflow-x: auto; max-width: 100%; }
+table.runs { border-collapse: collapse; font-size: 12.5px; }
+table.runs th, table.runs td { border: 1px solid #dee2e6; padding: 3px 7px; text-align: right; white-space: nowrap; }
+table.runs th { background: #f1f3f5; cursor: pointer; position: sticky; top: 0; }
+table.runs th[data-dir=asc]::after { content: " \\25B2"; font-size: 9px; }
+table.runs th[data-dir=desc]::after { content: " \\25BC"; font-size: 9px; }
+table.runs th.setting { background: #e7f5ff; }
+table.runs td.text { text-align: left; }
+table.runs td.note { white-space: normal; min-width: 16em; max-width: 28em; }
+tr.best td { background: #d3f9d8; font-weight: 600; }
+tr.baseline td { background: #f8f9fa; color: #495057; font-style: italic; }
+tr.diverged td, tr.failed td { background: #fff5f5; color: #c92a2a; }
+tr.notrun td { color: #868e96; }
+td.better { color: #2b8a3e; }
+td.worse { color: #c92a2a; }
+.plots img { max-width: 49%; margin: .5%; border: 1px solid #dee2e6; vertical-align: top; }
+.plots img.wide { max-width: 99%; }
+details { margin: 1em 0; font-size: 13px; }
+code { font-size: 12px; }
 """
 
 
-def to_html(columns: list[str], table: list[dict], info: dict, plots: list[str], title: str) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+def _delta_class(key: str, value, table: dict) -> str:
+    number = _number(value)
+    if not key.startswith("delta_") or number is None or number == 0:
+        return ""
+    lower = key[len("delta_") :] in LOWER_IS_BETTER
+    return "better" if (number < 0) == lower else "worse"
+
+
+def to_html(table: dict, plots: list[str], title: str) -> str:
+    esc = html.escape
+    columns = table["columns"]
+    head = "".join(
+        f'<th title="{esc(description)}"{" class=setting" if kind == "setting" else ""}>{esc(label)}</th>'
+        for _, label, kind, description in columns
+    )
     body = []
-    for line in table:
-        classes = " ".join(c for c in ("best" if line["best"] else "", line["status"] if line["status"] != "ok" else "") if c)
+    for line in table["lines"]:
+        classes = ["best" if line["best"] else "", "baseline" if line["_baseline"] else "", line["status"].replace(" ", "")]
         cells = []
-        for c in columns:
-            value = line.get(c)
-            text = _fmt(value)
-            sort_value = value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
-            kind = "" if isinstance(value, (int, float)) and not isinstance(value, bool) else ' class="text"'
-            cells.append(f'<td{kind} data-v="{html.escape(str(sort_value))}">{html.escape(text)}</td>')
-        body.append(f'<tr class="{classes}">' + "".join(cells) + "</tr>")
-    images = "\n".join(f'<img src="plots/{html.escape(p)}" alt="{html.escape(p)}">' for p in plots)
+        for key, _, kind, _ in columns:
+            value = line.get(key)
+            text = format_value(kind, value)
+            number = _number(value)
+            sort_value = repr(number) if number is not None else ("" if value in (None, "") else text)
+            css = " ".join(c for c in ("text" if number is None else "", "note" if key == "note" else "", _delta_class(key, value, table)) if c)
+            title_attr = f' title="{esc(str(value))}"' if kind in ("count", "setting") and value is not None else ""
+            class_attr = f' class="{css}"' if css else ""
+            cells.append(f'<td{class_attr} data-v="{esc(sort_value)}"{title_attr}>{esc(text)}</td>')
+        body.append(f'<tr class="{" ".join(c for c in classes if c and c != "ok")}">' + "".join(cells) + "</tr>")
+    headlines = "".join(f"<li>{esc(headline(group, table))}</li>" for group in table["groups"])
+    abbreviations = f"<p><small>Columns: {esc(_abbreviations(table))}. Hover a header for its meaning.</small></p>" if _abbreviations(table) else ""
+    shared = ""
+    if table["shared"]:
+        shared = "<details><summary>Settings shared by every tuned experiment</summary><p>" + ", ".join(
+            f"<code>{esc(t)}</code>" for t in _shared_text(table)
+        ) + "</p></details>"
+    images = "\n".join(
+        f'<img src="plots/{esc(p)}" alt="{esc(p)}"{" class=wide" if p.startswith("sweep_") else ""}>' for p in plots
+    )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title><style>{STYLE}</style></head>
 <body>
-<h1>{html.escape(title)}</h1>
-<p>Primary metric: <code>{html.escape(info['primary'])}</code>. Best: <b>{html.escape(info['best'] or 'none')}</b>
-(green row). Rows that did not finish ok are red. Click a column header to sort.</p>
-<table><thead><tr>{head}</tr></thead><tbody>
+<h1>{esc(title)}</h1>
+<ul class="headlines">{headlines}</ul>
+<p><small>Green row: best tuned run; grey italic: untuned baseline; red: did not finish ok. Click a column header to sort.</small></p>
+<div class="wrap"><table class="runs"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
-</tbody></table>
+</tbody></table></div>
+{abbreviations}
+{shared}
 <h2>Plots</h2>
+<div class="plots">
 {images}
+</div>
 <script>{SORT_SCRIPT}</script>
 </body></html>
 """
 
 
 def write_report(results: str, logs: str, experiments: list[str], out_dir: str, title: str = "ftflow report") -> dict:
+    from .plots import make_plots
+
     rows = collect(results, logs, experiments)
-    columns, table, info = build_table(rows)
+    if not rows:
+        raise FtflowError(f"no experiment of {', '.join(experiments) or '(none)'} has a config.json under {results}")
+    table = build_table(rows)
     os.makedirs(out_dir, exist_ok=True)
-    plot_dir = os.path.join(out_dir, "plots")
-    with atomic_dir(plot_dir) as tmp:
-        plots = make_plots(rows, table, info, results, tmp)
-    write_text(os.path.join(out_dir, "report.md"), to_markdown(columns, table, info, title))
-    write_text(os.path.join(out_dir, "report.html"), to_html(columns, table, info, plots, title))
-    # summary.csv last: it is the step's completion marker
-    write_text(os.path.join(out_dir, "summary.csv"), to_csv(columns, table))
-    return {"rows": len(table), "best": info["best"], "primary": info["primary"], "plots": plots}
+    with atomic_dir(os.path.join(out_dir, "plots")) as tmp:
+        plots = make_plots(rows, table["lines"], table["groups"], table["settings"], results, tmp)
+    write_text(os.path.join(out_dir, "report.md"), to_markdown(table, plots, title))
+    write_text(os.path.join(out_dir, "report.html"), to_html(table, plots, title))
+    # summary.csv last: it marks the step complete
+    write_text(os.path.join(out_dir, "summary.csv"), to_csv(table))
+    # a full report supersedes the partial one an earlier failed run left beside it
+    shutil.rmtree(os.path.join(out_dir, PARTIAL_DIR), ignore_errors=True)
+    groups = table["groups"]
+    return {"rows": len(table["lines"]), "best": [name for g in groups for name in g["best"]], "primary": [g["primary"] for g in groups], "plots": plots}

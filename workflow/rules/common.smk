@@ -133,10 +133,18 @@ def experiments_file():
     return path
 
 
+def report_title():
+    return (RAW_CONFIG.get("report") or {}).get("title", "ftflow report")
+
+
 onerror:
-    # Failed jobs never reach the report rule; write the table anyway so the
-    # failed experiments show as `failed` beside the ones that finished.
+    # Failed jobs never reach the report rule; write the table anyway, to
+    # results/report/partial/, so the failed experiments show as `failed` (with
+    # the error's first line and the log path) beside the ones that finished.
+    partial_experiments = experiments_file()
+    partial_title = report_title() + " (partial: some jobs failed)"
     shell(
-        f"ftflow report --results {RESULTS} --logs {LOGS} --out {RESULTS}/report/partial "
-        f"--experiments-file {experiments_file()} > {LOGS}/report-partial.log 2>&1 || true"
+        "mkdir -p {LOGS} && ftflow report --results {RESULTS} --logs {LOGS}"
+        " --out {RESULTS}/report/partial --experiments-file {partial_experiments:q}"
+        " --title {partial_title:q} > {LOGS}/report-partial.log 2>&1 || true"
     )

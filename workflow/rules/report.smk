@@ -32,6 +32,7 @@ rule report:
     params:
         out=lambda w, output: output.csv.rsplit("/", 1)[0],
         logs=LOGS,
+        title=report_title(),
     shell:
         "ftflow report --out {params.out} --logs {params.logs}"
-        " --experiments-file {input.experiments} > {log} 2>&1"
+        " --experiments-file {input.experiments} --title {params.title:q} > {log} 2>&1"
