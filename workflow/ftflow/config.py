@@ -901,7 +901,10 @@ def _source_fingerprint(dataset: DatasetSpec, path: str, workdir: str, hashes: "
             inspect.signature(GENERATORS[rest]).bind(**dataset.args)
         except TypeError as err:
             raise ConfigError(f"{path}.args", f"generator {rest!r}: {err}") from None
-        return content_hash({"generator": rest, "args": dataset.args})
+        # the generator's code is part of its rows: editing it re-tokenizes
+        with open(inspect.getsourcefile(GENERATORS[rest]), "rb") as handle:
+            code = hashlib.sha256(handle.read()).hexdigest()
+        return content_hash({"generator": rest, "args": dataset.args, "code": code})
     return _files_fingerprint(dataset, source, f"{path}.source", workdir, hashes)
 
 
@@ -1172,7 +1175,8 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
             "max_length": max_length,
             "row_caps": caps,
             "tokenizer": tokenizer_source,
-            "model_chat_template": _template_text(model_spec.chat_template, workdir, f"models.{model}.chat_template"),
+            # only chat rows are rendered with the model's chat template
+            "model_chat_template": _template_text(model_spec.chat_template, workdir, f"models.{model}.chat_template") if dataset.kind == "chat" else None,
         }
         # The name prefix keeps results/data/ readable; the hash covers exactly the settings.
         data_id = f"{dataset.name}-{content_hash(settings, 12)}"
