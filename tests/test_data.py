@@ -287,3 +287,20 @@ def test_generator_is_deterministic_and_splits_do_not_share_rows():
     assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
     answer = json.loads(a["test"][0]["messages"][2]["content"])
     assert isinstance(answer, dict) and answer
+
+
+def test_worker_processes_only_for_python_bound_rows_and_same_result(embedded_tokenizer, monkeypatch):
+    import ftflow.data as data
+    from ftflow.sources import load_source
+
+    assert data.choose_num_proc(100_000, 8, python_bound=False) == 1, "a fast tokenizer parallelizes itself"
+    assert data.choose_num_proc(4_999, 8, python_bound=True) == 1
+    assert data.choose_num_proc(12_000, 8, python_bound=True) == 2
+    assert data.choose_num_proc(10**6, 8, python_bound=True) == 8
+    rows = load_source({"dataset": "c", "source": "generator:column_mapping", "source_options": {"args": {"train": 40, "validation": 0, "test": 0}}})["train"]
+    encoder = Encoder(embedded_tokenizer, "chat", CHAT, 512)
+    one, used_one = data.encode_split(rows, encoder, 1)
+    monkeypatch.setattr(data, "ROWS_PER_PROCESS", 10)
+    two, used_two = data.encode_split(rows, encoder, 2)
+    assert (used_one, used_two) == (1, 2)
+    assert one.to_list() == two.to_list(), "worker processes change nothing but the time"
