@@ -419,9 +419,9 @@ def text_blocks(encoded, max_length: int) -> list[list[int]]:
         if drop:
             continue
         carry.extend(ids)
-        while len(carry) >= max_length:
-            blocks.append(carry[:max_length])
-            carry = carry[max_length:]
+        whole = len(carry) - len(carry) % max_length  # cut all full blocks at once: one copy per document
+        blocks.extend(carry[start : start + max_length] for start in range(0, whole, max_length))
+        carry = carry[whole:]
     if len(carry) >= 2:  # a 1-token block predicts nothing
         blocks.append(carry)
     return blocks
