@@ -119,3 +119,41 @@ def test_chrf_matches_hand_counts():
 def test_chrf_ignores_spaces_and_scores_chinese():
     out = compute("chrf", predictions=["床前 明月光", "白日依山尽"], references=["床前明月光", "黄河入海流"])
     assert out["per_example"] == [pytest.approx(100.0), pytest.approx(0.0)]
+
+
+# --------------------------------------------------------------------------- config agreement
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_config_knows_every_number_a_metric_reports(name):
+    reference = '{"a": 1}' if name == "json_field_accuracy" else "the cat sat"
+    out = compute(name, predictions=[reference], references=[reference])
+    numbers = {key for key, value in out.items() if isinstance(value, (int, float))}
+    assert numbers == set(config.METRIC_OUTPUTS[name])
+
+
+def _resolve(eval_section: dict, metrics: list[str], kind: str = "chat"):
+    dataset = {"source": "generator:column_mapping", "kind": kind, "metrics": metrics}
+    raw = {
+        "models": {"m": {"path": "model"}},
+        "datasets": {"d": dataset},
+        "defaults": {"model": "m", "dataset": "d"},
+        "experiments": {"x": {"eval": eval_section}},
+    }
+    return config.build_plan(raw, check_schema=False).experiments["x"].eval
+
+
+def test_primary_metric_defaults_to_the_first_metrics_main_number():
+    assert _resolve({}, ["rouge", "chrf"]).primary_metric == "rougeL"
+    assert _resolve({}, []).primary_metric == "eval_loss"
+    assert _resolve({"primary_metric": "invalid_json"}, ["json_field_accuracy"]).primary_metric == "invalid_json"
+
+
+def test_a_primary_metric_no_metric_reports_is_a_config_error():
+    with pytest.raises(config.ConfigError, match=r"experiments\.x\.eval\.primary_metric: 'rouge' is not a number"):
+        _resolve({"primary_metric": "rouge"}, ["rouge"])
+
+
+def test_task_metrics_on_a_raw_text_dataset_are_a_config_error():
+    with pytest.raises(config.ConfigError, match=r"experiments\.x\.eval\.metrics: dataset 'd' is raw text"):
+        _resolve({}, ["chrf"], kind="text")
