@@ -194,7 +194,7 @@ class AdaLoraBudgetCallback(TrainerCallback):
         allocator = tuner(self.model).rankallocator
         pattern = adapter_config(self.model).rank_pattern
         tensors = {}
-        for key, table in (("avg", allocator.exp_avg_ipt), ("unc", allocator.exp_avg_unc)):
+        for key, table in (("ipt", allocator.ipt), ("avg", allocator.exp_avg_ipt), ("unc", allocator.exp_avg_unc)):
             for name, value in table.items():
                 tensors[f"{key}:{name}"] = value.detach().contiguous().cpu()
         save_file(tensors, os.path.join(folder, IMPORTANCE_FILE))
@@ -211,10 +211,11 @@ class AdaLoraBudgetCallback(TrainerCallback):
         allocator = tuner(self.model).rankallocator
         allocator.reset_ipt()
         device = next(p.device for p in self.model.parameters())
+        # All three tables: PEFT restarts the averages of a parameter missing from `ipt`.
+        tables = {"ipt": allocator.ipt, "avg": allocator.exp_avg_ipt, "unc": allocator.exp_avg_unc}
         for key, value in load_file(os.path.join(folder, IMPORTANCE_FILE)).items():
             kind, name = key.split(":", 1)
-            table = allocator.exp_avg_ipt if kind == "avg" else allocator.exp_avg_unc
-            table[name] = value.to(device)
+            tables[kind][name] = value.to(device)
         adapter_config(self.model).rank_pattern = state["rank_pattern"]
         self.budget = state["budget"]
 
