@@ -225,7 +225,6 @@ def poems_dir(tmp_path) -> Path:
         ({"template": "no placeholder"}, "datasets.poems.template: the template has no {column} placeholder"),
         ({"prompt": "{title}", "completion": "{content}"}, "set either 'template' or 'prompt' and 'completion'"),
         ({"chat_template": "{{ messages }}"}, "datasets.poems.chat_template: applies to chat datasets; this one is instruction"),
-        ({"subset": "tang"}, "datasets.poems.subset: applies to hub: and modelscope: sources only"),
         ({"splits": {"validation": 0.7, "test": 0.3}}, "datasets.poems.splits: the fractions held out add up to 1"),
         ({"source": "hub:larryvrh/Chinese-Poems", "hub_splits": {"test": "test"}}, "datasets.poems.hub_splits: names no 'train' split"),
         ({"source": "generator:nope", "kind": "chat", "template": None}, "datasets.poems.source: unknown generator 'nope'"),
@@ -256,6 +255,7 @@ def test_data_id_changes_with_what_changes_tokens_only(poems_dir):
         {"loss_on": "completion"},  # the default, said out loud
         {"template": None, "prompt": "请创作一首古诗，主题关于{title}：\n", "completion": "{content}"},
         {"truncation": "drop"},
+        {"subset": "tang", "revision": "v1", "args": {"seed": 3}},  # keys a local source does not read
     ]
     for change in same:
         dataset = {k: v for k, v in {**POEM_DATASET, **change}.items() if v is not None}

@@ -820,7 +820,7 @@ def _resolve_dataset(name: str, raw: Any) -> DatasetSpec:
     return DatasetSpec(name=name, **values)
 
 
-# Dataset keys that only one kind, or one kind of source, reads: set elsewhere they would do nothing.
+# Dataset keys that only one kind, or one kind of source, reads.
 KIND_ONLY_KEYS = {"template": "instruction", "prompt": "instruction", "completion": "instruction", "text_column": "text", "messages_column": "chat", "chat_template": "chat"}
 SOURCE_ONLY_KEYS = {"subset": ("hub", "modelscope"), "revision": ("hub", "modelscope"), "hub_splits": ("hub", "modelscope"), "args": ("generator",)}
 
@@ -833,11 +833,9 @@ def _check_dataset_settings(path: str, values: dict, kind: str) -> None:
     for key, only in KIND_ONLY_KEYS.items():
         if values.get(key) is not None and kind != only:
             raise ConfigError(f"{path}.{key}", f"applies to {only} datasets; this one is {kind}", "remove it or set kind")
+    # Source-only keys (SOURCE_ONLY_KEYS) another source does not read are left alone, so that a
+    # second config file can point a hub dataset at local files; they stay out of data_id.
     source = values["source"]
-    scheme = source.partition(":")[0] if isinstance(source, str) and ":" in source else "local"
-    for key, schemes in SOURCE_ONLY_KEYS.items():
-        if values.get(key) and scheme not in schemes:
-            raise ConfigError(f"{path}.{key}", f"applies to {' and '.join(s + ':' for s in schemes)} sources only")
     if kind == "instruction":
         if values.get("template") is not None and (values.get("prompt") is not None or values.get("completion") is not None):
             raise ConfigError(f"{path}.template", "set either 'template' or 'prompt' and 'completion', not both")
