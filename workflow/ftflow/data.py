@@ -510,6 +510,7 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
         "max_length": max_length,
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
         "held_out_from_train": held_out,
+        "row_caps": caps or None,  # smoke mode reads only the first rows of each split
         "drop_reasons": DROP_REASONS,
         "splits": {},
     }
