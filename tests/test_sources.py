@@ -206,6 +206,7 @@ POEM_DATASET = {"source": "poems.jsonl", "kind": "instruction", "template": "请
 def poems_dir(tmp_path) -> Path:
     (tmp_path / "poems.jsonl").write_text(jsonl(POEMS), encoding="utf-8")
     (tmp_path / "poems.csv").write_text("title,content\n春,春眠\n", encoding="utf-8")
+    (tmp_path / "poems.json").write_text(json.dumps(POEMS, ensure_ascii=False), encoding="utf-8")
     return tmp_path
 
 
@@ -214,6 +215,7 @@ def poems_dir(tmp_path) -> Path:
     [
         ({"template": "主题：{titel}\n{content}"}, "datasets.poems.template: column 'titel' is in none of the first 2 lines of poems.jsonl; its columns are content, title (did you mean 'title'?)"),
         ({"source": "poems.csv", "template": "{name}\n{content}"}, "datasets.poems.template: column 'name' is in none of poems.csv (row 1); its columns are content, title"),
+        ({"source": "poems.json", "template": "{poem}"}, "datasets.poems.template: column 'poem' is in none of the first 2 items of poems.json"),
         ({"kind": "chat", "template": None}, "datasets.poems.messages_column: column 'messages' is in none of the first 2 lines"),
         ({"kind": "text", "template": None}, "datasets.poems.text_column: column 'text' is in none"),
         ({"source": "missing/*.jsonl"}, "datasets.poems.source: no file matches 'missing/*.jsonl'"),
