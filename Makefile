@@ -37,5 +37,11 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint
 
+# The Apptainer image every rule can run in (snakemake --use-apptainer); needs apptainer >= 1.2.
+container: containers/ftflow.sif
+
+containers/ftflow.sif: containers/Apptainer.def envs/requirements.txt pyproject.toml $(wildcard workflow/ftflow/*.py)
+	apptainer build --force $@ containers/Apptainer.def
+
 clean:
 	rm -rf results logs benchmarks .snakemake

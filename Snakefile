@@ -14,6 +14,12 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+# config `container:` (a .sif or docker:// image); used with --use-apptainer.
+container: CONTAINER
+
+
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"

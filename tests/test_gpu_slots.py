@@ -157,3 +157,45 @@ def test_effective_batch_rule_holds_everywhere():
         per_process_batch(3, 2, 4)
     values = data_parallel_training_values({"per_device_train_batch_size": 8, "learning_rate": 1e-3}, 2)
     assert values == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+
+
+def test_gpu_box_profile_offers_the_gpus_the_allocator_sees(monkeypatch):
+    from snakemake.profiles import ProfileConfigFileParser
+
+    monkeypatch.setenv("FTFLOW_GPUS", "3")
+    with open(REPO / "profiles" / "gpu-box" / "config.yaml") as stream:
+        profile = ProfileConfigFileParser().parse(stream)
+    assert profile["resources"] == ["gpu=3"]
+    assert profile["cores"] == "all" and profile["apptainer-args"] == "--nv"
+    assert profile["rerun-incomplete"] == profile["keep-going"] == "True"
+
+
+def gpus_asked(dry_run_output: str) -> dict[str, int]:
+    """{"rule wildcards": gpu resource} of the jobs a dry run lists."""
+    asked = {}
+    rule = None
+    for line in dry_run_output.splitlines():
+        line = line.strip()
+        if line.startswith("rule "):
+            rule = line[5:-1]
+        elif line.startswith("wildcards: "):
+            rule = f"{rule} {line[len('wildcards: '):]}"
+        elif line.startswith("resources: ") and "gpu=" in line:
+            asked[rule] = int(line.split("gpu=")[1].split(",")[0])
+    return asked
+
+
+@pytest.mark.workflow
+def test_rules_ask_for_gpus(workdir):
+    """Train asks for its stage's gpus:, eval for one GPU where there is one, merge for none."""
+    from conftest import copy_config, snakemake
+
+    copy_config(REPO / "tests" / "configs" / "ddp.yaml", workdir)
+    asked = gpus_asked(snakemake(workdir, "-n", env={"FTFLOW_GPUS": "4"}).stdout)
+    assert asked["train experiment=single, stage=train"] == 1
+    assert asked["train experiment=ddp, stage=train"] == 2
+    assert asked["merge experiment=ddp, stage=train"] == 0
+    assert asked["evaluate experiment=ddp"] == 1 and asked["evaluate experiment=baseline"] == 1
+    # No GPU visible: the baseline (no stage says gpus:) evaluates on the CPU; declared stages keep theirs.
+    cpu_only = gpus_asked(snakemake(workdir, "-n", env={"CUDA_VISIBLE_DEVICES": ""}).stdout)
+    assert cpu_only["evaluate experiment=baseline"] == 0 and cpu_only["train experiment=ddp, stage=train"] == 2

@@ -143,6 +143,7 @@ def acquire_gpus(
         )
     if env.get("SLURM_JOB_ID"):
         # The scheduler chose the devices and constrains the job to them.
+        log.info("%s: GPU(s) %s assigned by SLURM job %s", who, ",".join(devices[:count]), env["SLURM_JOB_ID"])
         return GpuSlots(devices=devices[:count])
     folder = slots_folder(env)
     os.makedirs(folder, exist_ok=True)

@@ -45,10 +45,63 @@ def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
 
 
 def default_gpus() -> int:
-    """GPUs a train or eval job asks for when its stage does not say: 1 where a GPU is, else 0."""
-    import shutil
+    """GPUs a train or eval job asks for when its stage does not say: 1 where a GPU is, else 0.
 
-    return 1 if shutil.which("nvidia-smi") else 0
+    Counted as the GPU slot allocator counts them (FTFLOW_GPUS, CUDA_VISIBLE_DEVICES,
+    nvidia-smi -L), so `CUDA_VISIBLE_DEVICES= snakemake ...` runs everything on the CPU.
+    """
+    from .gpu_slots import machine_gpus
+
+    return 1 if machine_gpus()[0] else 0
+
+
+IMAGE_SCHEMES = ("docker", "library", "oras", "shub", "http", "https")
+
+
+def container_image(raw: dict, workdir: str, required: bool) -> str | None:
+    """The image of config `container:` for Snakemake's `container:` directive.
+
+    A local path is made absolute (jobs may run from another folder) and must
+    be a .sif file; with `required` (the run uses --use-apptainer) it must
+    exist, so a missing image fails before any job starts.
+    """
+    image = raw.get("container")
+    if not image:
+        if required:
+            raise ConfigError("container", "--use-apptainer is given but no image is configured", "set container: to a .sif path or a docker:// URI")
+        return None
+    if "://" in image:
+        scheme = image.split("://", 1)[0]
+        if scheme not in IMAGE_SCHEMES:
+            raise ConfigError("container", f"unknown image scheme {scheme!r}", f"use a local .sif file or one of {', '.join(s + '://' for s in IMAGE_SCHEMES)}")
+        return image
+    path = os.path.abspath(os.path.join(workdir, os.path.expanduser(image)))
+    if not path.endswith(".sif"):
+        raise ConfigError("container", f"{image!r} is neither a .sif file nor an image URI", "build one with `make container` or use docker://...")
+    if required and not os.path.isfile(path):
+        raise ConfigError("container", f"no image at {path}", "build it with `make container`, or point container: at an existing .sif")
+    return path
+
+
+def export_hf_home(raw: dict, workdir: str) -> str | None:
+    """Point every job's Hugging Face cache at config `hf_home` (or the caller's HF_HOME).
+
+    Jobs inherit the environment (local jobs, SLURM's --export=ALL and
+    Apptainer alike); the folder is also added to APPTAINER_BIND so a job in a
+    container reads and writes the same cache. Returns the folder, if any.
+    """
+    configured = raw.get("hf_home")
+    if configured:
+        os.environ["HF_HOME"] = os.path.abspath(os.path.join(workdir, os.path.expanduser(configured)))
+    folder = os.environ.get("HF_HOME")
+    if not folder:
+        return None
+    os.makedirs(folder, exist_ok=True)  # Apptainer refuses to bind a missing folder
+    for variable in ("APPTAINER_BIND", "SINGULARITY_BIND"):
+        binds = [b for b in os.environ.get(variable, "").split(",") if b]
+        if folder not in binds:
+            os.environ[variable] = ",".join([*binds, folder])
+    return folder
 
 
 def check_mixed_precision(plan: Plan, gpus_available: int) -> None:
@@ -64,3 +117,13 @@ def check_mixed_precision(plan: Plan, gpus_available: int) -> None:
                         f"mixed precision needs a GPU and {where}",
                         "remove it for CPU runs, or set gpus: 1 on the stage when the jobs run on GPU nodes",
                     )
+
+
+def execution_environment_or_exit(raw: dict, workdir: str, use_apptainer: bool) -> str | None:
+    """Export the jobs' HF cache and resolve the container image; a config error prints one line and exits."""
+    try:
+        export_hf_home(raw, workdir)
+        return container_image(raw, workdir, use_apptainer)
+    except ConfigError as err:
+        sys.stderr.write(f"ftflow config error: {err}\n")
+        sys.exit(1)

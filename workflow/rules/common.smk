@@ -1,9 +1,11 @@
 # Config validation, wildcard constraints and input functions. All resolution
 # happens once, in ftflow.config.build_plan; this file only reads the Plan.
+import os
 import re
 import sys
 
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 sys.path.insert(0, f"{workflow.basedir}/workflow")
 
@@ -11,6 +13,7 @@ from ftflow.config import write_if_changed  # noqa: E402
 from ftflow.workflow import (  # noqa: E402
     default_gpus,
     effective_config,
+    execution_environment_or_exit,
     plan_or_exit,
     use_this_python_for_jobs,
 )
@@ -29,6 +32,12 @@ PLAN = plan_or_exit(
     configfiles=workflow.overwrite_configfiles or workflow.configfiles,
 )
 DEFAULT_GPUS = default_gpus()
+# The Apptainer image of all jobs under --use-apptainer, for the Snakefile's container directive.
+CONTAINER = execution_environment_or_exit(
+    RAW_CONFIG,
+    os.getcwd(),
+    DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method,
+)
 validate(RAW_CONFIG, SCHEMA, set_default=False)
 PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments
@@ -110,7 +119,12 @@ def get_stage_gpus(wildcards):
 
 
 def get_eval_gpus(wildcards):
-    return DEFAULT_GPUS
+    """One GPU when the experiment trains on GPUs (its stages' or the defaults' gpus:), else DEFAULT_GPUS."""
+    stages = EXPERIMENTS[wildcards.experiment].stages
+    declared = [s.gpus for s in stages if s.gpus is not None]
+    if not declared and (RAW_CONFIG.get("defaults") or {}).get("gpus") is not None:
+        declared = [RAW_CONFIG["defaults"]["gpus"]]
+    return min(1, max(declared)) if declared else DEFAULT_GPUS
 
 
 def get_report_inputs(wildcards=None):
