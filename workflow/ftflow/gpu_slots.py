@@ -104,6 +104,10 @@ def _try_lock(folder: str, device: str, holder: str) -> int | None:
     path = os.path.join(folder, SLOT_FILE.format(device))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
+        os.fchmod(fd, 0o666)  # past the umask: other users' jobs open the same slot files
+    except PermissionError:
+        pass  # someone else's file, already shared
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
