@@ -137,6 +137,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.inputs import default_configfile
+    from .bench.runner import run_bench
+
+    command = "ftflow bench" + (" --quick" if args.quick else "") + (" --gpu" if args.gpu else "")
+    work = args.work or os.path.join(args.out, "work")
+    results = run_bench(args.out, work, args.configfile or default_configfile(), args.quick, args.gpu, args.cores or os.cpu_count() or 1, command, log=logging.info)
+    missed = [t["key"] for t in results["targets"] if not t["met"]]
+    logging.info("bench: wrote %s/results.json and results.md in %.0f s; targets missed: %s", args.out, results["seconds"], ", ".join(missed) or "none")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftflow", description="Fine-tuning experiments as a Snakemake workflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments-file", help="JSON list of experiment names")
     p.add_argument("--title", default="ftflow report")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="measure ftflow against the plain Hugging Face recipe; writes results.json and results.md")
+    p.add_argument("--quick", action="store_true", help="CI mode: the tiny stand-in model, few steps and rows; checks that the benchmark runs, measures nothing")
+    p.add_argument("--gpu", action="store_true", help="also run the bf16 comparison on a Qwen3-0.6B-shaped model (needs CUDA)")
+    p.add_argument("--out", default="bench", help="folder for results.json and results.md")
+    p.add_argument("--work", help="work folder, reused between runs (default: OUT/work)")
+    p.add_argument("--configfile", help="config whose first LoRA experiment is measured (default: config.yaml, the embedded default)")
+    p.add_argument("--cores", type=int, help="cores for the workflow runs that prepare the inputs (default: all)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

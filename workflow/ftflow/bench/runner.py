@@ -1,0 +1,126 @@
+"""`ftflow bench`: run every benchmark in one process tree and write results.json and results.md.
+
+    machine peak -> inputs -> training -> machine peak again -> generation
+    -> workflow overhead -> tokenization -> GPU (or why not) -> targets -> write
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import time
+
+from ..atomic import write_json, write_text
+from ..provenance import git_commit, package_versions
+from .flops import matmul_peak
+from .inputs import BenchSettings, prepare_inputs
+
+# The issue's targets for ftflow on a 2-core CPU: (result path, goal, "at least" or "at most", what it means)
+TARGETS = (
+    ("train.lora.speedup", 4.0, "at least", "useful tokens/s over the baseline recipe, LoRA"),
+    ("train.full.speedup", 4.0, "at least", "useful tokens/s over the baseline recipe, full fine-tuning"),
+    ("train.lora.compute_efficiency", 0.60, "at least", "model FLOP/s / measured fp32 matmul peak, LoRA"),
+    ("eval.speedup", 5.0, "at least", "batched eval generation examples/s over one prompt at a time"),
+    ("dag.seconds.500", 10.0, "at most", "`snakemake -n` of a 500-experiment sweep, seconds"),
+)
+
+
+def lookup(results: dict, dotted: str):
+    value = results
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_targets(results: dict) -> list[dict]:
+    rows = []
+    for path, goal, direction, meaning in TARGETS:
+        value = lookup(results, path)
+        met = value >= goal if direction == "at least" else value <= goal
+        rows.append({"key": path, "goal": goal, "direction": direction, "value": value, "met": bool(met), "meaning": meaning})
+    return rows
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
+            info["memory_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_bench(out: str, work: str, configfile: str, quick: bool, gpu: bool, cores: int, command: str, log=print) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    from . import dag, generation, tokenization, train_throughput
+    from .gpu import bench_gpu
+    from .report import render_markdown
+    from .worker import run_in_process, run_in_subprocess
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    settings = BenchSettings.for_mode(quick)
+    # --quick runs every side in this process (no start-up per run); timings are then for CI only
+    run_task = run_in_process if quick else run_in_subprocess
+    results: dict = {
+        "command": command,
+        "quick": quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_start": load_average(),
+        "settings": dataclasses.asdict(settings),
+    }
+    peaks = [matmul_peak(settings.matmul_size, settings.matmul_repeats, device="cpu")]
+    log(f"fp32 matmul peak: {peaks[0]['gflops']:.1f} GFLOP/s")
+
+    inputs = prepare_inputs(work, configfile, smoke=quick, cores=cores)
+    log(f"inputs: {inputs.model_dir} ({'tiny stand-in' if quick else 'embedded model'}), {inputs.data_dir}; setup {inputs.setup_seconds:.1f} s")
+    results["inputs"] = {k: v for k, v in inputs.to_json().items() if k not in ("stage", "eval")}
+    results["inputs"]["training"] = {k: inputs.stage["training"].get(k) for k in ("per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps")}
+    results["inputs"]["lora"] = inputs.stage["lora"]
+
+    runs = train_throughput.compare_training(inputs, settings, run_task, log=log)
+    peaks.append(matmul_peak(settings.matmul_size, settings.matmul_repeats, device="cpu"))
+    peak = max(peaks, key=lambda p: p["gflops"])
+    results["matmul_peak"] = {**peak, "measurements_gflops": [p["gflops"] for p in peaks]}
+    results["train"] = train_throughput.summarize_training(runs, peak["gflops"])
+    results["train"]["steps"] = settings.train_steps
+    results["train"]["examples_per_step"] = runs["lora"]["ftflow"][0]["examples_per_step"]
+
+    results["eval"] = generation.compare_generation(inputs, settings, run_task, log=log)
+    results["dag"] = dag.bench_dag(inputs.configfile, settings, log=log)
+    results["tokenize"] = {"kinds": tokenization.bench_kinds(inputs, settings, log=log), "cache_hit": tokenization.bench_cache_hit(inputs)}
+    results["gpu"] = bench_gpu(inputs, settings, run_task, requested=gpu, log=log)
+
+    results["targets"] = check_targets(results)
+    results["load_average_end"] = load_average()
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["provenance"] = {"git_commit": git_commit(), "packages": package_versions()}
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "results.json"), results)
+    write_text(os.path.join(out, "results.md"), render_markdown(results))
+    return results
