@@ -162,7 +162,7 @@ def test_all_zero_primary_metric_falls_back_to_eval_loss(tmp_path):
     table = results.table()
     assert [line["experiment"] for line in table["lines"]] == ["b", "c", "a", "baseline"]
     assert by_name(table)["b"]["best"] == "*"
-    assert "so eval loss decides" in headline(table["groups"][0], table)
+    assert "every finished run scores 0.000, so eval loss decides: best b at eval loss 10.72 (untuned baseline 10.84)" in headline(table["groups"][0], table)
 
 
 def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
@@ -206,11 +206,11 @@ def test_diverged_failed_not_run_and_stale_rows(sweep):
     os.utime(sweep.log("stale/train/train.log", "INFO done\n"), (past, past))  # older than config.json: an earlier run's log
 
     lines = by_name(sweep.table())
-    assert (lines["diverge"]["status"], lines["diverge"]["note"]) == ("diverged", "train/train: non-finite loss at step 3")
+    assert (lines["diverge"]["status"], lines["diverge"]["note"]) == ("diverged", "train: non-finite loss at step 3")
     assert lines["bad-target"]["status"] == "failed"
-    assert lines["bad-target"]["note"] == "train/train: ValueError: Target modules {'nope'} not found in the base model."
+    assert lines["bad-target"]["note"] == "train: ValueError: Target modules {'nope'} not found in the base model."
     assert lines["bad-target"]["log"] == log
-    assert (lines["waiting"]["status"], lines["waiting"]["note"]) == ("not run", "train/train")
+    assert (lines["waiting"]["status"], lines["waiting"]["note"]) == ("not run", "waits for train")
     assert lines["stale"]["status"] == "not run" and "json_field_accuracy" not in lines["stale"]
     assert all(not lines[n]["best"] for n in ("diverge", "bad-target", "waiting", "stale"))
     assert config["name"] in lines

@@ -2,7 +2,7 @@
 
   train_loss.png       training loss of every experiment, from its TensorBoard events
   eval_loss.png        validation loss during training (only when some stage ran eval_strategy)
-  {metric}.png         the primary metric per experiment, best first, baseline as a line
+  {metric}.png         the primary metric (and eval loss) per experiment, best first, baseline as a line
   sweep_{metric}.png   the primary metric (and eval loss) against each varied setting
 
 Diverged runs are drawn dashed, and the y axis is fitted to the runs that
@@ -68,6 +68,12 @@ def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
+def _category(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def _pyplot():
     import matplotlib
 
@@ -79,6 +85,8 @@ def _pyplot():
 
 def plot_losses(rows: list[dict], lines: dict, results: str, plot_dir: str) -> list[str]:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     curves = {row["experiment"]: loss_curves(results, row) for row in rows if row["config"]["stages"]}
     written = []
     for tag, title, filename in (("train/loss", "Training loss", "train_loss.png"), ("eval/loss", "Validation loss during training", "eval_loss.png")):
@@ -106,6 +114,8 @@ def plot_losses(rows: list[dict], lines: dict, results: str, plot_dir: str) -> l
             low, high = min(ok_values), max(ok_values)
             pad = 0.05 * (high - low or abs(high) or 1.0)
             ax.set_ylim(low - pad, high + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0)
         ax.set_xlabel("optimizer step (stages laid end to end)")
         ax.set_ylabel("loss (nats per label token)")
         ax.set_title(title + " (bold: best; dashed: did not finish ok)")
@@ -119,32 +129,43 @@ def plot_losses(rows: list[dict], lines: dict, results: str, plot_dir: str) -> l
 
 
 def plot_primary(group: dict, table: list[dict], plot_dir: str) -> str:
-    """Horizontal bars of the group's primary metric, in table order (best first)."""
+    """The group's primary metric per experiment in table order (best first), beside eval loss.
+
+    Dots rather than bars: a sweep's eval losses differ in the second decimal,
+    which bars starting at zero would hide. Eval loss is drawn too because it
+    breaks ties, e.g. when no run gets a single exact match yet.
+    """
     plt = _pyplot()
     primary = group["primary"]
     members = [line for line in table if line["_group"] == group["key"]]
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.32 * len(members) + 1.2)))
-    names, values, colors = [], [], []
-    for line in members:
-        value = line.get(primary)
-        names.append(line["experiment"])
-        values.append(value if isinstance(value, (int, float)) and math.isfinite(value) and line["status"] == "ok" else 0.0)
-        colors.append(BASELINE if line["_baseline"] else BEST if line["best"] else TUNED if line["status"] == "ok" else BAD)
-    positions = range(len(members))
-    ax.barh(positions, values, color=colors)
-    for y, line, value in zip(positions, members, values):
-        text = line["status"] if line["status"] != "ok" else ("n/a" if line.get(primary) is None else f"{line[primary]:.4g}")
-        ax.text(value, y, f" {text}", va="center", fontsize=7, color=BAD if line["status"] != "ok" else "#212529")
-    base = next((line.get(primary) for line in members if line["_baseline"] and isinstance(line.get(primary), (int, float))), None)
-    if base is not None:
-        ax.axvline(base, color=BASELINE, linestyle="--", linewidth=1)
-    ax.set_yticks(list(positions))
-    ax.set_yticklabels(names, fontsize=8)
-    ax.invert_yaxis()
-    better = "lower is better" if group["lower_is_better"] else "higher is better"
-    ax.set_xlabel(f"{primary} on {group['dataset']} ({better})")
-    ax.set_title(f"{primary} per experiment (green: best, grey: untuned baseline, red: not ok)", fontsize=10)
-    ax.margins(x=0.15)
+    metrics = [primary] + (["eval_loss"] if primary != "eval_loss" else [])
+    height = max(2.6, 0.3 * len(members) + 1.3)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 1.6, height), sharey=True, squeeze=False)
+    positions = list(range(len(members)))
+    colors = [BASELINE if line["_baseline"] else BEST if line["best"] else TUNED if line["status"] == "ok" else BAD for line in members]
+    for ax, metric in zip(axes[0], metrics):
+        values = [line.get(metric) if line["status"] == "ok" else None for line in members]
+        shown = [(y, v, c) for y, v, c in zip(positions, values, colors) if isinstance(v, (int, float)) and math.isfinite(v)]
+        ax.hlines([y for y, _, _ in shown], 0, 1, transform=ax.get_yaxis_transform(), color="#e9ecef", linewidth=0.8, zorder=1)
+        ax.scatter([v for _, v, _ in shown], [y for y, _, _ in shown], c=[c for _, _, c in shown], s=40, zorder=3)
+        for y, line in zip(positions, members):
+            if line["status"] != "ok":
+                ax.text(0.01, y, line["status"], transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=BAD)
+        base = next((line.get(metric) for line in members if line["_baseline"] and isinstance(line.get(metric), (int, float))), None)
+        if base is not None and math.isfinite(base):
+            ax.axvline(base, color=BASELINE, linestyle="--", linewidth=1)
+        distinct = {v for _, v, _ in shown}
+        if len(distinct) == 1:
+            ax.text(0.5, 1.01, f"every run: {next(iter(distinct)):.4g}", transform=ax.transAxes, ha="center", fontsize=8)
+        better = "lower is better" if metric in ("eval_loss", "perplexity") or (metric == primary and group["lower_is_better"]) else "higher is better"
+        ax.set_xlabel(f"{metric} ({better})", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.margins(x=0.08)
+    axes[0][0].set_yticks(positions)
+    axes[0][0].set_yticklabels([line["experiment"] for line in members], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{primary} on {group['dataset']}, best first (green: best, grey: untuned baseline, red: not ok)", fontsize=10)
     fig.tight_layout()
     filename = f"{primary}.png"
     fig.savefig(os.path.join(plot_dir, filename), dpi=110)
@@ -175,7 +196,9 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
     if not panels:
         return None
     primary = group["primary"]
-    metrics = [primary] + (["eval_loss"] if primary != "eval_loss" else [])
+    metrics = [m for m in dict.fromkeys([primary, "eval_loss"]) if len({repr(line.get(m)) for line in members}) > 1]
+    if not metrics:
+        return None
     plt = _pyplot()
     fig, axes = plt.subplots(len(metrics), len(panels), figsize=(3.1 * len(panels) + 0.6, 2.8 * len(metrics) + 0.4), squeeze=False)
     baseline = next((line for line in table if line["_group"] == group["key"] and line["_baseline"]), None)
@@ -183,8 +206,8 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
         xs = panel["values"]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         if not numeric:
-            categories = sorted({str(x) for x in xs})
-            xs = [categories.index(str(x)) for x in xs]
+            categories = sorted({_category(x) for x in xs})
+            xs = [categories.index(_category(x)) for x in xs]
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
             points = [(x, line.get(metric), line) for x, line in zip(xs, members) if isinstance(line.get(metric), (int, float))]
@@ -204,7 +227,8 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
                 ax.set_ylabel(metric, fontsize=8)
             if row == len(metrics) - 1:
                 ax.set_xlabel(panel["label"], fontsize=8)
-    fig.suptitle(f"{primary} and eval loss against each varied setting (green: best, dashed: baseline)", fontsize=10)
+    shown = " and ".join(metrics)
+    fig.suptitle(f"{shown} against each varied setting (green: best, dashed: untuned baseline)", fontsize=10)
     fig.tight_layout()
     filename = f"sweep_{primary}.png"
     fig.savefig(os.path.join(plot_dir, filename), dpi=100)

@@ -54,14 +54,16 @@ SHORT_NAMES = {
     "training.gradient_checkpointing": "grad_ckpt",
 }
 
-# (key, label, format, description) of the fixed columns after the settings.
-COST_AND_LOSS_COLUMNS = (
+# (key, label, format, description) of the fixed columns: cost after the settings, then losses.
+COST_COLUMNS = (
     ("trainable_params", "trainable", "count", "trainable parameters (last stage)"),
     ("steps", "steps", "int", "optimizer steps, all stages"),
     ("train_tokens", "train tokens", "count", "tokens trained on, all stages (packed: no padding)"),
     ("tokens_per_s", "tokens/s", "rate", "training throughput: train tokens / train time"),
     ("train_seconds", "train time", "seconds", "training wall time, all stages"),
     ("peak_mem_mb", "peak mem", "mb", "peak memory: allocated GPU memory on a GPU, process RSS on a CPU"),
+)
+LOSS_COLUMNS = (
     ("final_train_loss", "train loss", "loss", "training loss at the last logged step"),
     ("eval_loss", "eval loss", "loss", "mean cross-entropy per label token on the loss split"),
     ("perplexity", "ppl", "loss", "exp(eval loss)"),
@@ -145,10 +147,11 @@ def job_chain(results: str, logs: str, config: dict) -> list[tuple[str, str, str
     name, stages = config["name"], config["stages"]
     for i, stage in enumerate(stages):
         where = f"{results}/{name}/{stage['name']}"
-        chain.append((f"{stage['name']}/train", f"{where}/train_metrics.json", f"{logs}/{name}/{stage['name']}/train.log"))
+        step = "" if len(stages) == 1 else f"{stage['name']}/"  # a single stage needs no name in the note
+        chain.append((f"{step}train", f"{where}/train_metrics.json", f"{logs}/{name}/{stage['name']}/train.log"))
         merged_needed = i == len(stages) - 1 or stages[i + 1]["init_from"] == "merged"
         if merged_needed:
-            chain.append((f"{stage['name']}/merge", f"{where}/merged", f"{logs}/{name}/{stage['name']}/merge.log"))
+            chain.append((f"{step}merge", f"{where}/merged", f"{logs}/{name}/{stage['name']}/merge.log"))
     chain.append(("evaluate", f"{results}/{name}/eval/metrics.json", f"{logs}/{name}/eval.log"))
     return chain
 
@@ -179,7 +182,8 @@ def collect(results: str, logs: str, experiments: list[str]) -> list[dict]:
         stopped = next((m for m in stages if m and m["status"] != "ok"), None)
         if stopped is not None:
             row["status"] = stopped["status"]
-            row["problem"] = {"where": f"{stopped['stage']}/train", "error": stopped.get("reason"), "log": None}
+            where = "train" if len(stages) == 1 else f"{stopped['stage']}/train"
+            row["problem"] = {"where": where, "error": stopped.get("reason"), "log": None}
         elif evaluation is None:
             failure = find_failure(results, logs, config, os.path.getmtime(config_path))
             row["status"] = failure.pop("status")
@@ -251,7 +255,7 @@ def _row_line(row: dict, settings: dict) -> dict:
             line[key] = value
     problem = row["problem"] or {}
     parts = [p for p in (problem.get("where"), problem.get("error")) if p]
-    line["note"] = ": ".join(parts)
+    line["note"] = f"waits for {problem['where']}" if row["status"] == "not run" else ": ".join(parts)
     line["log"] = problem.get("log") or ""
     return line
 
@@ -330,19 +334,30 @@ def build_table(rows: list[dict]) -> dict:
         base = next((line for line in lines if line["_group"] == group["key"] and line["_baseline"]), None)
         group["baseline_value"] = _number((base or {}).get(group["primary"]))
 
-    taken = {"best", "rank", "experiment", "stages", "status", "note", "log"} | {c[0] for c in COST_AND_LOSS_COLUMNS} | set(metric_names)
+    fixed = COST_COLUMNS + LOSS_COLUMNS
+    taken = {"best", "rank", "experiment", "stages", "status", "note", "log"} | {c[0] for c in fixed} | set(metric_names)
     labels = short_names(varied, taken)
     primaries = list(dict.fromkeys(group["primary"] for group in groups))
+    losses = {c[0]: c for c in LOSS_COLUMNS}
+
+    def score_column(name):
+        return losses.get(name) or (name, name, "metric", f"task metric {name} on the generated answers")
+
+    # The answer first (who, whether it finished, its score, its margin), then why
+    # (stages and the varied settings), then what it cost, then everything else.
     columns = [
         ("best", "best", "text", "* marks the best tuned row by the primary metric"),
         ("rank", "rank", "int", "rank of the tuned rows by the primary metric, ties broken by eval loss"),
         ("experiment", "experiment", "text", "experiment name"),
+        ("status", "status", "text", "ok, diverged, failed or not run"),
+        *[score_column(p) for p in primaries],
+        *[(f"delta_{p}", f"Δ {p}", "delta", f"{p} minus the untuned baseline's") for p in primaries],
+        *([losses["eval_loss"]] if "eval_loss" not in primaries else []),
         ("stages", "stages", "text", "method, or stage:method per stage"),
         *[(key, labels[key], "setting", key) for key in varied],
-        *COST_AND_LOSS_COLUMNS,
-        *[(name, name, "metric", f"task metric {name} on the generated answers") for name in metric_names if name not in ("eval_loss", "perplexity")],
-        *[(f"delta_{p}", f"Δ {p}", "delta", f"{p} minus the untuned baseline's") for p in primaries],
-        ("status", "status", "text", "ok, diverged, failed or not run"),
+        *COST_COLUMNS,
+        *[c for c in LOSS_COLUMNS if c[0] not in primaries and c[0] != "eval_loss"],
+        *[score_column(name) for name in metric_names if name not in primaries],
         ("note", "note", "text", "where and why a run did not finish ok"),
         ("log", "log", "text", "log of the failed job"),
     ]
@@ -409,29 +424,32 @@ def format_value(kind: str, value) -> str:
 def headline(group: dict, table: dict) -> str:
     """One sentence per group: who won, by how much, and with which settings."""
     primary, lines = group["primary"], [line for line in table["lines"] if line["_group"] == group["key"]]
-    by_name = {line["experiment"]: line for line in lines}
     tuned = [line for line in lines if not line["_baseline"]]
     finished = [line for line in tuned if line["status"] == "ok"]
+    base = next((line for line in lines if line["_baseline"]), None)
     text = f"{primary} on {group['dataset']} ({'lower' if group['lower_is_better'] else 'higher'} is better): "
     if not finished:
         return text + "no tuned run finished."
     if group["all_tied"]:
         return text + f"all {len(finished)} finished runs tie, on eval loss too; no best row."
-    best = [by_name[name] for name in group["best"]]
-    value = format_value("metric", best[0].get(primary)) if primary not in LOWER_IS_BETTER else format_value("loss", best[0].get(primary))
+    best = [line for line in lines if line["best"]]
+    kind = "loss" if group["lower_is_better"] else "metric"
     names = ", ".join(line["experiment"] for line in best)
-    text += f"best {names} at {value}"
-    if group["baseline_value"] is not None:
-        delta = best[0].get(f"delta_{primary}")
-        text += f" ({format_value('delta', delta)} against the untuned baseline's {format_value('metric', group['baseline_value'])})"
     if group["tie_on_primary"]:
-        text += f"; every finished run scores the same {primary}, so eval loss decides"
-    elif len(best) > 1:
-        text += " (a tie)"
-    base = by_name.get(next((line["experiment"] for line in lines if line["_baseline"]), ""), None)
-    if base is not None and base.get("rank") is None and _number(base.get(primary)) is not None:
-        beaten_by = [line for line in finished if line.get("rank") and lines.index(line) < lines.index(base)]
-        if not beaten_by:
+        # the primary metric does not tell the runs apart: say so, and show what did
+        text += f"every finished run scores {format_value(kind, best[0].get(primary))}, so eval loss decides: best {names}"
+        text += f" at eval loss {format_value('loss', best[0].get('eval_loss'))}"
+        if base is not None and _number(base.get("eval_loss")) is not None:
+            text += f" (untuned baseline {format_value('loss', base['eval_loss'])})"
+    else:
+        text += f"best {names} at {format_value(kind, best[0].get(primary))}"
+        if group["baseline_value"] is not None:
+            delta = best[0].get(f"delta_{primary}")
+            text += f" ({format_value('delta', delta)} against the untuned baseline's {format_value(kind, group['baseline_value'])})"
+        if len(best) > 1:
+            text += ", a tie"
+    if base is not None and _number(base.get(primary)) is not None and not group["tie_on_primary"]:
+        if lines.index(base) < lines.index(best[0]):
             text += "; no tuned run beats the untuned baseline"
     chosen = [f"{s['short']} {format_value('setting', best[0]['_settings'].get(s['key']))}" for s in table["settings"]]
     if chosen:
@@ -552,7 +570,7 @@ tr.diverged td, tr.failed td { background: #fff5f5; color: #c92a2a; }
 tr.notrun td { color: #868e96; }
 td.better { color: #2b8a3e; }
 td.worse { color: #c92a2a; }
-.plots img { max-width: 49%; margin: .5%; border: 1px solid #dee2e6; vertical-align: top; }
+.plots img { max-width: 48.5%; margin: .4%; border: 1px solid #dee2e6; vertical-align: top; }
 .plots img.wide { max-width: 99%; }
 details { margin: 1em 0; font-size: 13px; }
 code { font-size: 12px; }
