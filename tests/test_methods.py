@@ -252,3 +252,46 @@ def test_load_best_model_at_end_saves_the_best_checkpoint(ws):
     events = EventAccumulator(str(ws.stage_dir("best") / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+
+
+def test_adalora_schedule_without_pruning_is_refused_before_any_job(tmp_path):
+    """total_step from cheap row counts (a generator's `train`, a .jsonl's lines less held-out rows), no tokenization."""
+    from ftflow.errors import ConfigError
+
+    lines = "".join(json.dumps({"messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]}) + "\n" for i in range(30))
+    (tmp_path / "rows.jsonl").write_text(lines)
+
+    def plan(dataset: str, tinit: int, tfinal: int):
+        raw = raw_config({"ada": {"method": "adalora", "dataset": dataset, "adalora": {"tinit": tinit, "tfinal": tfinal}}})
+        raw["smoke"] = False
+        raw["datasets"]["local"] = {"source": "rows.jsonl", "kind": "chat", "splits": {"validation": 3, "test": 3}}
+        raw["defaults"]["training"].update(max_steps=-1, num_train_epochs=2)
+        return build_plan(raw, workdir=str(tmp_path), results=str(tmp_path / "results"))
+
+    # 48 generated rows / batch 4 x 2 epochs = 24 steps
+    with pytest.raises(ConfigError) as err:
+        plan("colmap", tinit=10, tfinal=14)
+    assert str(err.value).startswith("experiments.ada.adalora: the schedule has no budgeting phase")
+    assert "tinit (10) >= total_step (24) - tfinal (14) = 10" in str(err.value)
+    assert "at most 48 training rows of dataset 'colmap' / batch 4 / accumulation 1 x 2 epochs" in str(err.value)
+    plan("colmap", tinit=9, tfinal=14)
+    # 30 lines - 3 validation - 3 test = 24 rows / batch 4 x 2 epochs = 12 steps
+    with pytest.raises(ConfigError, match=r"total_step \(12\)"):
+        plan("local", tinit=6, tfinal=6)
+    plan("local", tinit=5, tfinal=6)
+
+
+def test_adalora_schedule_is_checked_again_with_the_exact_count():
+    """Tokenization may drop rows: train time recounts and names the experiment and stage."""
+    from types import SimpleNamespace
+
+    from ftflow.errors import StageError
+
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=3.0, max_steps=-1, dataloader_drop_last=False)
+    stage = {"name": "s1", "adalora": {"tinit": 5, "tfinal": 6}}
+    assert adalora.check_schedule("exp", stage, 40, args) == 15  # ceil(40/4)=10 batches -> 5 steps x 3
+    with pytest.raises(StageError) as err:
+        adalora.check_schedule("exp", stage, 20, args)  # 5 batches -> 3 steps x 3 = 9
+    assert "experiment 'exp', stage 's1': adalora: the schedule has no budgeting phase" in str(err.value)
+    assert "tinit (5) >= total_step (9) - tfinal (6)" in str(err.value)
+    assert "total_step 9 comes from 20 training examples / batch 4 / accumulation 2 x 3 epochs" in str(err.value)

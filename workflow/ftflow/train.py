@@ -228,6 +228,11 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     base_status = models.read_status(base_dir)
     if base_status != "ok":
         return _write_metrics(metrics_path, experiment, stage, status=base_status, reason=f"upstream model is {base_status}")
+    if adapter_dir:
+        # init_from: adapter; a previous stage that did not finish ok saved no adapter
+        previous = read_json(os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "train_metrics.json"))
+        if previous["status"] != "ok":
+            return _write_metrics(metrics_path, experiment, stage, status=previous["status"], reason=f"the adapter of stage {previous['stage']!r} is {previous['status']}")
 
     device = models.device_type()
     models.check_precision(stage, device, exp_name)
