@@ -200,16 +200,21 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
     if not metrics:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(3.1 * len(panels) + 0.6, 2.8 * len(metrics) + 0.4), squeeze=False)
+    # At most 4 panels a row; each metric gets its own block of rows.
+    columns = min(4, len(panels))
+    rows_per_metric = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(
+        rows_per_metric * len(metrics), columns, figsize=(3.3 * columns + 0.6, 2.7 * rows_per_metric * len(metrics) + 0.5), squeeze=False
+    )
     baseline = next((line for line in table if line["_group"] == group["key"] and line["_baseline"]), None)
-    for col, panel in enumerate(panels):
+    for index, panel in enumerate(panels):
         xs = panel["values"]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         if not numeric:
             categories = sorted({_category(x) for x in xs})
             xs = [categories.index(_category(x)) for x in xs]
-        for row, metric in enumerate(metrics):
-            ax = axes[row][col]
+        for block, metric in enumerate(metrics):
+            ax = axes[block * rows_per_metric + index // columns][index % columns]
             points = [(x, line.get(metric), line) for x, line in zip(xs, members) if isinstance(line.get(metric), (int, float))]
             ax.scatter([p[0] for p in points], [p[1] for p in points], color=[BEST if p[2]["best"] else TUNED for p in points], s=22, zorder=3)
             if baseline is not None and isinstance(baseline.get(metric), (int, float)) and math.isfinite(baseline[metric]):
@@ -223,10 +228,12 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
                 ax.set_xticklabels(categories, fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
-            if col == 0:
+            ax.set_xlabel(panel["label"], fontsize=8)
+            if index % columns == 0:
                 ax.set_ylabel(metric, fontsize=8)
-            if row == len(metrics) - 1:
-                ax.set_xlabel(panel["label"], fontsize=8)
+    for block in range(len(metrics)):  # blank the unused cells of each block
+        for index in range(len(panels), rows_per_metric * columns):
+            axes[block * rows_per_metric + index // columns][index % columns].set_visible(False)
     shown = " and ".join(metrics)
     fig.suptitle(f"{shown} against each varied setting (green: best, dashed: untuned baseline)", fontsize=10)
     fig.tight_layout()

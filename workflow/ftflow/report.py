@@ -20,6 +20,7 @@ when jobs fail, so failed experiments show beside the ones that finished.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -585,7 +586,7 @@ def _delta_class(key: str, value, table: dict) -> str:
     return "better" if (number < 0) == lower else "worse"
 
 
-def to_html(table: dict, plots: list[str], title: str) -> str:
+def to_html(table: dict, plots: dict[str, bytes], title: str) -> str:
     esc = html.escape
     columns = table["columns"]
     head = "".join(
@@ -613,8 +614,11 @@ def to_html(table: dict, plots: list[str], title: str) -> str:
         shared = "<details><summary>Settings shared by every tuned experiment</summary><p>" + ", ".join(
             f"<code>{esc(t)}</code>" for t in _shared_text(table)
         ) + "</p></details>"
+    # Plots are embedded, so the page stands alone (mailed, or inside `snakemake --report`).
     images = "\n".join(
-        f'<img src="plots/{esc(p)}" alt="{esc(p)}"{" class=wide" if p.startswith("sweep_") else ""}>' for p in plots
+        f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{esc(name)}" title="plots/{esc(name)}"'
+        f'{"" if name.endswith("loss.png") else " class=wide"}>'
+        for name, data in plots.items()
     )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title><style>{STYLE}</style></head>
@@ -647,7 +651,11 @@ def write_report(results: str, logs: str, experiments: list[str], out_dir: str, 
     with atomic_dir(os.path.join(out_dir, "plots")) as tmp:
         plots = make_plots(rows, table["lines"], table["groups"], table["settings"], results, tmp)
     write_text(os.path.join(out_dir, "report.md"), to_markdown(table, plots, title))
-    write_text(os.path.join(out_dir, "report.html"), to_html(table, plots, title))
+    images = {}
+    for name in plots:
+        with open(os.path.join(out_dir, "plots", name), "rb") as handle:
+            images[name] = handle.read()
+    write_text(os.path.join(out_dir, "report.html"), to_html(table, images, title))
     # summary.csv last: it marks the step complete
     write_text(os.path.join(out_dir, "summary.csv"), to_csv(table))
     # a full report supersedes the partial one an earlier failed run left beside it
