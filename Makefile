@@ -37,6 +37,11 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint
 
+# ftflow vs the plain Hugging Face recipe, written to bench/results.{json,md}; about 15 minutes
+# on an idle 2-core CPU (the prepared model and data are kept in bench/work/ for the next run).
+bench: $(STAMP)
+	$(BIN)/ftflow bench
+
 # The Apptainer image every rule can run in (snakemake --use-apptainer); needs apptainer >= 1.2.
 container: containers/ftflow.sif
 
