@@ -198,7 +198,7 @@ def test_diverged_failed_not_run_and_stale_rows(sweep):
     log = sweep.log("bad-target/train/train.log", "INFO loading\nTraceback (most recent call last):\n  File x\nValueError: Target modules {'nope'} not found in the base model.\n")
     sweep.add(experiment_config("waiting", training={"learning_rate": 7e-4}), train=None)
     # an eval result left from an earlier config of this experiment is not this config's result
-    stale = sweep.add(experiment_config("stale", training={"learning_rate": 9e-4}), evaluation=scores(0.99, 0.01))
+    sweep.add(experiment_config("stale", training={"learning_rate": 9e-4}), evaluation=scores(0.99, 0.01))
     stale_eval = sweep.results / "stale" / "eval" / "metrics.json"
     stale_eval.write_text(json.dumps({**json.loads(stale_eval.read_text()), "provenance": {"config_hash": "0" * 16}}))
     os.remove(sweep.results / "stale" / "train" / "train_metrics.json")
