@@ -8,6 +8,7 @@ merge, through the same functions the `ftflow` commands call.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,12 @@ EXPERIMENTS = {
         "adalora": {"init_r": 6, "target_r": 2, "lora_alpha": 8, "lora_dropout": 0.0, "orth_reg_weight": 0.5},
         "training": {"optim": "paged_adamw_32bit", "lr_scheduler_type": "cosine", "learning_rate": 2.0e-2},
     },
+    "limited": {"method": "lora", "training": {"save_steps": 1, "save_total_limit": 2}},
+    "no-room": {"method": "full"},
     "lora-again": {"method": "lora", "training": {"gradient_accumulation_steps": 2}},
     "diverges": {"method": "full", "training": {"learning_rate": 1.0e3}, "divergence": {"factor": 3.0, "warmup_steps": 1}},
-    "overflows": {"method": "full", "training": {"learning_rate": 1.0e38, "max_grad_norm": 0.0}},
+    # logging_nan_inf_filter would average a NaN away in the log; the guard sees the raw loss
+    "overflows": {"method": "full", "training": {"learning_rate": 1.0e38, "max_grad_norm": 0.0, "logging_nan_inf_filter": True}},
     "best": {
         "method": "lora",
         "training": {"eval_strategy": "steps", "load_best_model_at_end": True, "learning_rate": 5.0e-2, "save_total_limit": 1},
@@ -295,3 +299,41 @@ def test_adalora_schedule_is_checked_again_with_the_exact_count():
     assert "experiment 'exp', stage 's1': adalora: the schedule has no budgeting phase" in str(err.value)
     assert "tinit (5) >= total_step (9) - tfinal (6)" in str(err.value)
     assert "total_step 9 comes from 20 training examples / batch 4 / accumulation 2 x 3 epochs" in str(err.value)
+
+
+def test_checkpoints_obey_save_total_limit(ws, monkeypatch):
+    import ftflow.train
+
+    kept: list[list[str]] = []
+    rmtree = ftflow.train.shutil.rmtree
+
+    def keep_checkpoints(path, *args, **kwargs):  # the finished stage's clean-up would hide them
+        if os.path.basename(str(path)) == "checkpoints":
+            kept.append(sorted(os.listdir(path)))
+            return
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ftflow.train.shutil, "rmtree", keep_checkpoints)
+    metrics = ws.train("limited")
+    assert metrics["status"] == "ok" and metrics["steps"] == 4
+    # four checkpoints were saved (save_steps: 1), the two newest are kept
+    assert kept == [["checkpoint-3", "checkpoint-4", "ftflow_stage.json"]] or kept == [["checkpoint-3", "checkpoint-4"]], kept
+
+
+def test_a_full_disk_stops_the_stage_before_it_writes(ws, monkeypatch):
+    import shutil
+
+    import ftflow.disk
+    from ftflow.errors import StageError
+
+    usage = shutil.disk_usage(ws.root)
+    # room for the 4-step run's checkpoints of a tiny model? no: 1 MiB free
+    monkeypatch.setattr(ftflow.disk.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    with pytest.raises(StageError) as caught:
+        ws.train("no-room")
+    message = str(caught.value)
+    assert message.startswith("experiment 'no-room', stage 'train': not enough free space to save checkpoint-2"), message
+    assert "GiB free" in message and "save_total_limit" in message
+    stage = ws.stage_dir("no-room")
+    assert not (stage / "model").exists() and not (stage / "train_metrics.json").exists()
+    assert not (stage / "checkpoints" / "checkpoint-2").exists()

@@ -14,7 +14,8 @@ import shutil
 
 import torch
 
-from . import models
+from . import disk, models
+from .errors import FtflowError, StageError
 from .atomic import atomic_dir, read_json, write_json
 
 
@@ -34,7 +35,10 @@ def merge_stage(metrics_path: str, base_dir: str, out: str) -> dict:
                 except OSError:
                     shutil.copy2(os.path.join(src, entry), os.path.join(tmp, entry))
         else:
-            merge_adapter(base_dir, os.path.join(stage_dir, "adapter"), tmp, metrics)
+            try:
+                merge_adapter(base_dir, os.path.join(stage_dir, "adapter"), tmp, metrics)
+            except FtflowError as e:
+                raise StageError(metrics["experiment"], metrics["stage"], str(e)) from None
         write_json(os.path.join(tmp, "ftflow_merge.json"), {**info, "status": "ok", "base": os.path.abspath(base_dir)})
     return {**info, "status": "ok"}
 
@@ -50,6 +54,7 @@ def merge_adapter(base_dir: str, adapter_dir: str, out: str, metrics: dict) -> N
         dtype = models.DTYPES.get(compute, torch.float32)
     base = models.load_model(base_dir, dtype, "cpu", attention="sdpa")
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    disk.require_free_space(out, disk.tensor_bytes(merged), "the merged model")
     merged.save_pretrained(out, safe_serialization=True)
     models.load_tokenizer(adapter_dir).save_pretrained(out)
     meta = os.path.join(base_dir, META_FILE)

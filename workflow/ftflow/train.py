@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import adalora, models
+from . import adalora, disk, models
 from .atomic import atomic_dir, read_json, write_json
 from .errors import FtflowError, StageError
 from .launch import data_parallel_training_values
@@ -65,7 +65,8 @@ class FtflowTrainer(Trainer):
         self.orthogonality_weight = adalora.adapter_config(self.model).orth_reg_weight if adalora_budget else 0.0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.tokens_seen += int(inputs["input_ids"].numel())
+        mask = inputs.get("attention_mask")  # padded batches (packing: false) carry one; packed rows have no pads
+        self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
         self.label_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -103,6 +104,9 @@ class FtflowTrainer(Trainer):
         """Checkpoints (`_internal_call`) also carry ftflow's progress; AdaLoRA ones keep full-size ranks."""
         if not (_internal_call and output_dir):
             return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            full = not hasattr(self.model, "peft_config")
+            disk.require_free_space(output_dir, disk.checkpoint_bytes(self.model, full), f"checkpoint {os.path.basename(output_dir)}")
         if self.adalora_budget is None:
             super().save_model(output_dir, _internal_call)
         else:
@@ -174,6 +178,24 @@ class AdaLoraRestore(TrainerCallback):
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def _wait_for_later_event_file_name(tb_dir: str) -> None:
+    """Readers replay event files in name order, and a name starts with its writer's second.
+
+    A run resumed within the second its killed predecessor started would get a name
+    that may sort first (the tie is broken by host and pid), and its purge of the
+    killed run's late steps would be replayed before those steps. Waiting for the
+    next second keeps the resumed file last.
+    """
+    seconds = []
+    for name in os.listdir(tb_dir) if os.path.isdir(tb_dir) else []:
+        parts = name.split(".")
+        if name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+            seconds.append(int(parts[3]))
+    if seconds:
+        while int(time.time()) <= max(seconds):
+            time.sleep(0.05)
 
 
 def _last_checkpoint(folder: str, stamp: dict, needs_adalora_state: bool) -> str | None:
@@ -272,6 +294,8 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         from transformers.integrations import TensorBoardCallback
 
         # purge_step: TensorBoard drops what the killed run logged after the checkpoint (steps > resumed_from).
+        if resume:
+            _wait_for_later_event_file_name(tb_dir)
         writer = SummaryWriter(log_dir=tb_dir, purge_step=resumed_from + 1 if resume else None)
         callbacks.append(TensorBoardCallback(tb_writer=writer))
     if budget is not None:
@@ -295,7 +319,12 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     tokens_before, label_tokens_before = trainer.tokens_seen, trainer.label_tokens_seen
 
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except StageError:
+        raise
+    except FtflowError as e:  # e.g. no room for a checkpoint
+        raise StageError(exp_name, stage_name, str(e)) from None
     wall = time.time() - started
     if budget is not None and args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         # the Trainer reloaded the best checkpoint's weights; its rank pattern goes with them
@@ -314,6 +343,10 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         return {"status": status, "rank": args.process_index}
     if status == "ok":
         target = os.path.join(out_dir, "model" if method == "full" else "adapter")
+        try:
+            disk.require_free_space(out_dir, disk.tensor_bytes(trainer.model, trainable_only=method != "full"), f"the {os.path.basename(target)}")
+        except FtflowError as e:
+            raise StageError(exp_name, stage_name, str(e)) from None
         with atomic_dir(target) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

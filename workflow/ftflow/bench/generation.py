@@ -1,6 +1,8 @@
 """Generation for eval: one prompt at a time (the recipe) vs ftflow's batched decoding.
 
-Both sides decode the same prompts of the test split (ftflow's tokenized
+The model is the measured experiment's merged model, the one its eval step
+decodes with (a tuned model ends its answers; an untuned one runs every answer
+to max_new_tokens, which would flatter batching). Both sides decode the same prompts of the test split (ftflow's tokenized
 `prompt_ids`) greedily with the same stop tokens and `max_new_tokens`, so the
 only difference is batching; their answers are compared token by token. Each
 side warms up on one short decode first, then only the decoding is timed.
@@ -64,7 +66,7 @@ def run_one_at_a_time(model_dir: str, data_dir: str, spec: dict, examples: int |
     started = time.perf_counter()
     outputs = [decode(p) for p in prompts]
     seconds = time.perf_counter() - started
-    return _result(outputs, seconds)
+    return _result(outputs, seconds, spec["max_new_tokens"])
 
 
 @torch.no_grad()
@@ -80,15 +82,16 @@ def run_batched(model_dir: str, data_dir: str, spec: dict, examples: int | None)
     started = time.perf_counter()
     generated = generate_ids(model, tokenizer, prompts, spec, "cpu")
     seconds = time.perf_counter() - started
-    return _result([g["ids"] for g in generated], seconds)
+    return _result([g["ids"] for g in generated], seconds, spec["max_new_tokens"])
 
 
-def _result(outputs: list[list[int]], seconds: float) -> dict:
+def _result(outputs: list[list[int]], seconds: float, max_new_tokens: int) -> dict:
     return {
         "examples": len(outputs),
         "seconds": round(seconds, 3),
         "examples_per_second": round(len(outputs) / seconds, 3),
         "new_tokens": sum(len(o) for o in outputs),
+        "hit_max_new_tokens": sum(len(o) >= max_new_tokens for o in outputs),
         "outputs": outputs,
     }
 
@@ -103,7 +106,7 @@ def compare_generation(inputs, settings, run_task, log=print) -> dict:
     for round_index in range(settings.generation_rounds):
         order = ("one_at_a_time", "batched") if round_index % 2 == 0 else ("batched", "one_at_a_time")
         for side in order:
-            run = run_task(f"generate.{side}", model_dir=inputs.model_dir, data_dir=inputs.eval_data_dir, spec=spec, examples=examples)
+            run = run_task(f"generate.{side}", model_dir=inputs.eval_model_dir, data_dir=inputs.eval_data_dir, spec=spec, examples=examples)
             log(f"generate {side} round {round_index + 1}: {run['examples_per_second']:.2f} examples/s")
             runs[side].append(run)
     single, batched = runs["one_at_a_time"][0]["outputs"], runs["batched"][0]["outputs"]
@@ -117,7 +120,9 @@ def compare_generation(inputs, settings, run_task, log=print) -> dict:
         for side, side_runs in runs.items()
     }
     return {
+        "model": inputs.eval_model_dir,
         "examples": len(single),
+        "hit_max_new_tokens": runs["one_at_a_time"][0]["hit_max_new_tokens"],
         "batch_size": spec["batch_size"],
         "max_new_tokens": spec["max_new_tokens"],
         "speedup": round(sides["batched"]["examples_per_second"] / sides["one_at_a_time"]["examples_per_second"], 3),

@@ -1,9 +1,10 @@
 """What every benchmark runs on: the embedded default's model, data and settings.
 
-The model is prepared and the data tokenized by ftflow's own workflow
-(`snakemake ... results/data/{data_id}` in the bench work folder), so the
-benchmark measures exactly what `make run` trains on, and a second bench run
-finds both in place and redoes neither.
+ftflow's own workflow, run in the bench work folder, prepares the model,
+tokenizes the data and trains and merges the measured experiment (the
+embedded default's lora-r16, whose merged model the generation benchmark
+decodes with), so the benchmark measures exactly what `make run` trains on,
+and a second bench run finds all of it in place and redoes none of it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class BenchInputs:
     data_dir: str  # tokenized train/validation/test splits of the experiment's dataset
     data_spec: str  # the tokenize job's spec (source settings, max_length, ...)
     eval_data_dir: str
+    eval_model_dir: str  # the experiment's merged model: what its eval step decodes with
     stage: dict  # the experiment's resolved (LoRA) stage
     eval: dict  # the experiment's resolved eval settings
     max_length: int
@@ -131,9 +133,10 @@ def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> Bench
     exp = pick_experiment(plan)
     stage = exp.stages[0]
     model_dir = os.path.join(results, "models", plan.model_dir_name(exp.model))
-    targets = sorted({f"results/data/{stage.data_id}", f"results/data/{exp.eval.data_id}"})
+    merged = f"results/{exp.name}/{stage.name}/merged"
+    targets = sorted({f"results/data/{stage.data_id}", f"results/data/{exp.eval.data_id}", merged})
     command = snakemake_command(work, local_config, smoke, "--cores", str(cores), *targets)
-    seconds, _ = run_snakemake(command, f"preparing {exp.model} and tokenizing {stage.dataset} in {work}")
+    seconds, _ = run_snakemake(command, f"preparing {exp.model}, tokenizing {stage.dataset} and training {exp.name} in {work}")
     return BenchInputs(
         work=work,
         configfile=local_config,
@@ -144,6 +147,7 @@ def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> Bench
         data_dir=os.path.join(results, "data", stage.data_id),
         data_spec=os.path.join(results, "data", stage.data_id + ".json"),
         eval_data_dir=os.path.join(results, "data", exp.eval.data_id),
+        eval_model_dir=os.path.join(work, merged),
         stage=asdict(stage),
         eval=asdict(exp.eval),
         max_length=stage.max_length,

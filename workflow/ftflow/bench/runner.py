@@ -94,11 +94,10 @@ def run_bench(out: str, work: str, configfile: str, quick: bool, gpu: bool, core
         "load_average_start": load_average(),
         "settings": dataclasses.asdict(settings),
     }
-    peaks = [matmul_peak(settings.matmul_size, settings.matmul_repeats, device="cpu")]
-    log(f"fp32 matmul peak: {peaks[0]['gflops']:.1f} GFLOP/s")
-
     inputs = prepare_inputs(work, configfile, smoke=quick, cores=cores)
     log(f"inputs: {inputs.model_dir} ({'tiny stand-in' if quick else 'embedded model'}), {inputs.data_dir}; setup {inputs.setup_seconds:.1f} s")
+    peaks = [matmul_peak(settings.matmul_size, settings.matmul_repeats, device="cpu")]
+    log(f"fp32 matmul peak: {peaks[0]['gflops']:.1f} GFLOP/s")
     results["inputs"] = {k: v for k, v in inputs.to_json().items() if k not in ("stage", "eval")}
     results["inputs"]["training"] = {k: inputs.stage["training"].get(k) for k in ("per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps")}
     results["inputs"]["lora"] = inputs.stage["lora"]
