@@ -25,10 +25,10 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n auto --dist loadfile  # one worker per core, a test file per worker
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not slow and not cluster"
+	$(BIN)/python -m pytest tests -q -n auto --dist loadfile -m "not slow and not cluster"
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --config smoke=true

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach a hub: offline mode fails a hub lookup at once instead of after retries.
+# Set before anything imports huggingface_hub (it reads these once), and inherited by the jobs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "workflow"))

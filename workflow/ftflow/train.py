@@ -106,7 +106,7 @@ class FtflowTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             full = not hasattr(self.model, "peft_config")
-            disk.require_free_space(output_dir, disk.checkpoint_bytes(self.model, full), f"checkpoint {os.path.basename(output_dir)}")
+            disk.require_free_space(output_dir, disk.checkpoint_bytes(self.model, full), os.path.basename(output_dir))
         if self.adalora_budget is None:
             super().save_model(output_dir, _internal_call)
         else:
