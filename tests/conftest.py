@@ -67,3 +67,25 @@ def copy_config(src: Path, workdir: Path, name: str = "config.yaml") -> Path:
     target = workdir / name
     shutil.copy(src, target)
     return target
+
+
+# The longest test files first: `make test` hands whole files to its parallel workers in
+# collection order, and a long file started last would run alone at the end.
+LONGEST_FIRST = [
+    "test_report_workflow.py",
+    "test_crash_safety.py",
+    "test_curricula.py",
+    "test_workflow.py",
+    "test_slurm.py",
+    "test_bench.py",
+    "test_poems_example.py",
+    "test_embedded_model.py",
+    "test_ddp.py",
+    "test_bad_configs.py",
+    "test_methods.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 BEST = "#2b8a3e"
 BAD = "#c92a2a"
@@ -173,6 +174,12 @@ def plot_primary(group: dict, table: list[dict], plot_dir: str) -> str:
     return filename
 
 
+def _compact_float(value: float) -> str:
+    from .report import _compact_float as compact  # the table's own spelling: 2e-4, 1.5e-3
+
+    return compact(value)
+
+
 def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: str) -> str | None:
     """One panel per varied setting: the primary metric (and eval loss) of each finished run against it.
 
@@ -221,8 +228,13 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
                 ax.axhline(baseline[metric], color=BASELINE, linestyle="--", linewidth=1, label="baseline")
             if numeric:
                 positive = [x for x in xs if x > 0]
-                if len(positive) == len(xs) and max(positive) / min(positive) >= 20:
-                    ax.set_xscale("log")  # learning rates and other settings spread over decades
+                if len(positive) == len(xs) and max(positive) / min(positive) >= 4:
+                    ax.set_xscale("log")  # learning rates, ranks, batch sizes: factors apart
+                distinct = sorted(set(xs))
+                if len(distinct) <= 8:  # a tick at each value tried, written as the table writes it
+                    ax.minorticks_off()
+                    ax.set_xticks(distinct)
+                    ax.set_xticklabels([_compact_float(x) if isinstance(x, float) else str(x) for x in distinct], fontsize=7)
             else:
                 ax.set_xticks(range(len(categories)))
                 ax.set_xticklabels(categories, fontsize=8)
@@ -235,7 +247,8 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
         for index in range(len(panels), rows_per_metric * columns):
             axes[block * rows_per_metric + index // columns][index % columns].set_visible(False)
     shown = " and ".join(metrics)
-    fig.suptitle(f"{shown} against each varied setting (green: best, dashed: untuned baseline)", fontsize=10)
+    title = f"{shown} against each varied setting (green: best, dashed: untuned baseline)"
+    fig.suptitle(textwrap.fill(title, int((3.3 * columns + 0.6) * 11)), fontsize=10)  # ~11 characters an inch
     fig.tight_layout()
     filename = f"sweep_{primary}.png"
     fig.savefig(os.path.join(plot_dir, filename), dpi=100)
