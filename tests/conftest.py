@@ -69,6 +69,25 @@ def copy_config(src: Path, workdir: Path, name: str = "config.yaml") -> Path:
     return target
 
 
+
+def tiny_llama(attention: str, use_cache: bool = True):
+    """A 2-layer Llama with random weights (seed 0) and the given attention implementation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attention,
+        use_cache=use_cache,
+    )
+    return LlamaForCausalLM(config)
+
 # The longest test files first: `make test` hands whole files to its parallel workers in
 # collection order, and a long file started last would run alone at the end.
 LONGEST_FIRST = [

@@ -7,27 +7,13 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from ftflow.evaluation import chat_end_of_turn, dataset_loss, generate_ids, stop_token_ids
 from ftflow.packing import PACKED_ATTENTION
 from ftflow.prepare import tiny_model
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
-
-
-def tiny_llama(attention: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attention,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def labelled_rows() -> Dataset:
@@ -44,7 +30,7 @@ def labelled_rows() -> Dataset:
 @pytest.mark.parametrize("attention", [PACKED_ATTENTION, "sdpa"])
 @pytest.mark.parametrize("max_tokens", [4096, 16])  # one packed row, and several (16 tokens force a split)
 def test_packed_loss_equals_per_example_loss(attention, max_tokens):
-    model = tiny_llama(attention)
+    model = tiny_llama(attention).eval()
     rows = labelled_rows()
     total, count = 0.0, 0
     for row in rows:  # each example alone, no packing: HF's own shift-and-ignore convention
@@ -60,7 +46,7 @@ def test_packed_loss_equals_per_example_loss(attention, max_tokens):
 
 def test_packed_loss_would_differ_if_examples_saw_each_other():
     """The check above can fail: scoring the rows as one unbroken sequence gives another loss."""
-    model = tiny_llama(PACKED_ATTENTION)
+    model = tiny_llama(PACKED_ATTENTION).eval()
     rows = labelled_rows()
     joined = Dataset.from_list([{"input_ids": sum(rows["input_ids"], []), "labels": sum(rows["labels"], [])}])
     apart, joined_loss = dataset_loss(model, rows, "cpu")["eval_loss"], dataset_loss(model, joined, "cpu")["eval_loss"]

@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from ftflow.packing import PACKED_ATTENTION, packing_collator
-
-
-def tiny_llama(attention: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attention,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config)
 
 
 EXAMPLES = [[5, 17, 23, 42, 8], [9, 3], [77, 12, 64, 31, 2, 7, 19], [44, 45, 46]]
@@ -29,7 +14,7 @@ EXAMPLES = [[5, 17, 23, 42, 8], [9, 3], [77, 12, 64, 31, 2, 7, 19], [44, 45, 46]
 
 @pytest.mark.parametrize("attention", [PACKED_ATTENTION, "sdpa", "eager"])
 def test_packed_logits_equal_separate_runs(attention):
-    model = tiny_llama(attention)
+    model = tiny_llama(attention, use_cache=False)
     model.train()  # the mode the trainer uses (no dropout configured, so outputs are deterministic)
     batch = packing_collator()([{"input_ids": ids, "labels": ids} for ids in EXAMPLES])
     assert batch["input_ids"].shape == (1, sum(map(len, EXAMPLES)))  # one row, no padding
@@ -45,7 +30,7 @@ def test_packed_logits_equal_separate_runs(attention):
 
 def test_packed_attention_differs_from_unmasked_concatenation():
     """The check above can fail: without restarting positions the examples do see each other."""
-    model = tiny_llama(PACKED_ATTENTION)
+    model = tiny_llama(PACKED_ATTENTION, use_cache=False)
     flat = torch.tensor([[t for ids in EXAMPLES for t in ids]])
     joined = model(input_ids=flat).logits[0]
     start = len(EXAMPLES[0])
@@ -54,7 +39,7 @@ def test_packed_attention_differs_from_unmasked_concatenation():
 
 
 def test_packed_attention_gradients_match_separate_runs():
-    model = tiny_llama(PACKED_ATTENTION)
+    model = tiny_llama(PACKED_ATTENTION, use_cache=False)
     batch = packing_collator()([{"input_ids": ids, "labels": ids} for ids in EXAMPLES])
     loss_packed = model(**batch).loss
     grads_packed = torch.autograd.grad(loss_packed, model.model.layers[0].self_attn.q_proj.weight)[0]
@@ -89,7 +74,7 @@ def features(examples):
 def test_padded_batch_logits_equal_separate_runs(attention):
     from ftflow.models import padding_collator
 
-    model = tiny_llama(attention)
+    model = tiny_llama(attention, use_cache=False)
     model.train()
     batch = padding_collator(word_tokenizer())(features(EXAMPLES))
     width = max(map(len, EXAMPLES))
@@ -115,7 +100,7 @@ def trainer_for(stage_training: dict, packing: bool, tmp_path, dataset=None):
     tokenizer = word_tokenizer()
     data = dataset if dataset is not None else Dataset.from_list(features(EXAMPLES))
     return FtflowTrainer(
-        model=tiny_llama(PACKED_ATTENTION),
+        model=tiny_llama(PACKED_ATTENTION, use_cache=False),
         args=args,
         data_collator=packing_collator() if packing else padding_collator(tokenizer),
         train_dataset=data,

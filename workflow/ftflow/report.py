@@ -452,7 +452,12 @@ def headline(group: dict, table: dict) -> str:
     if base is not None and _number(base.get(primary)) is not None and not group["tie_on_primary"]:
         if lines.index(base) < lines.index(best[0]):
             text += "; no tuned run beats the untuned baseline"
-    chosen = [f"{s['short']} {format_value('setting', best[0]['_settings'].get(s['key']))}" for s in table["settings"]]
+    # settings the best run has (an AdaLoRA-only key is no setting of a LoRA run)
+    chosen = [
+        f"{s['short']} {format_value('setting', best[0]['_settings'][s['key']])}"
+        for s in table["settings"]
+        if best[0]["_settings"].get(s["key"]) is not None
+    ]
     if chosen:
         text += ". Its settings: " + ", ".join(chosen)
     not_ok = [line for line in tuned if line["status"] != "ok"]

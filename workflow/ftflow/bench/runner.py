@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import platform
 import time
 
 from ..atomic import write_json, write_text
-from ..provenance import git_commit, package_versions
+from ..provenance import device_info, git_commit, package_versions
 from .flops import matmul_peak
 from .inputs import BenchSettings, prepare_inputs
 
@@ -44,15 +43,8 @@ def check_targets(results: dict) -> list[dict]:
 
 
 def machine_info() -> dict:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-    }
+    """Provenance's device facts, plus the CPU model and memory that timings depend on."""
+    info = device_info()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
@@ -61,8 +53,8 @@ def machine_info() -> dict:
             info["memory_gib"] = round(kib / 2**20, 1)
     except (OSError, StopIteration, ValueError):
         pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if info.get("gpus"):
+        info["gpu"] = info["gpus"][0]
     return info
 
 
