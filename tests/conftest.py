@@ -69,7 +69,6 @@ def copy_config(src: Path, workdir: Path, name: str = "config.yaml") -> Path:
     return target
 
 
-
 def tiny_llama(attention: str, use_cache: bool = True):
     """A 2-layer Llama with random weights (seed 0) and the given attention implementation."""
     import torch
@@ -87,6 +86,7 @@ def tiny_llama(attention: str, use_cache: bool = True):
         use_cache=use_cache,
     )
     return LlamaForCausalLM(config)
+
 
 # The longest test files first: `make test` hands whole files to its parallel workers in
 # collection order, and a long file started last would run alone at the end.

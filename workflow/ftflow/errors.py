@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class FtflowError(Exception):
     """A failure the user can fix; the message says where and how."""
@@ -28,3 +31,14 @@ class StageError(FtflowError):
         self.stage = stage
         where = f"experiment {experiment!r}" + (f", stage {stage!r}" if stage else "")
         super().__init__(f"{where}: {message}")
+
+
+@contextlib.contextmanager
+def in_stage(experiment: str, stage: str | None) -> Iterator[None]:
+    """Name the experiment and stage in any FtflowError raised inside (e.g. no room on the disk)."""
+    try:
+        yield
+    except StageError:
+        raise
+    except FtflowError as e:
+        raise StageError(experiment, stage, str(e)) from None

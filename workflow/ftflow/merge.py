@@ -15,7 +15,7 @@ import shutil
 import torch
 
 from . import disk, models
-from .errors import FtflowError, StageError
+from .errors import in_stage
 from .atomic import atomic_dir, read_json, write_json
 
 
@@ -35,10 +35,8 @@ def merge_stage(metrics_path: str, base_dir: str, out: str) -> dict:
                 except OSError:
                     shutil.copy2(os.path.join(src, entry), os.path.join(tmp, entry))
         else:
-            try:
+            with in_stage(metrics["experiment"], metrics["stage"]):
                 merge_adapter(base_dir, os.path.join(stage_dir, "adapter"), tmp, metrics)
-            except FtflowError as e:
-                raise StageError(metrics["experiment"], metrics["stage"], str(e)) from None
         write_json(os.path.join(tmp, "ftflow_merge.json"), {**info, "status": "ok", "base": os.path.abspath(base_dir)})
     return {**info, "status": "ok"}
 

@@ -15,6 +15,8 @@ import math
 import os
 import textwrap
 
+from .report import compact_float  # ticks spell values as the table does: 2e-4, 1.5e-3
+
 BEST = "#2b8a3e"
 BAD = "#c92a2a"
 BASELINE = "#868e96"
@@ -174,12 +176,6 @@ def plot_primary(group: dict, table: list[dict], plot_dir: str) -> str:
     return filename
 
 
-def _compact_float(value: float) -> str:
-    from .report import _compact_float as compact  # the table's own spelling: 2e-4, 1.5e-3
-
-    return compact(value)
-
-
 def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: str) -> str | None:
     """One panel per varied setting: the primary metric (and eval loss) of each finished run against it.
 
@@ -234,7 +230,7 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
                 if len(distinct) <= 8:  # a tick at each value tried, written as the table writes it
                     ax.minorticks_off()
                     ax.set_xticks(distinct)
-                    ax.set_xticklabels([_compact_float(x) if isinstance(x, float) else str(x) for x in distinct], fontsize=7)
+                    ax.set_xticklabels([compact_float(x) if isinstance(x, float) else str(x) for x in distinct], fontsize=7)
             else:
                 ax.set_xticks(range(len(categories)))
                 ax.set_xticklabels(categories, fontsize=8)

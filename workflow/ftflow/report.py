@@ -371,7 +371,7 @@ def build_table(rows: list[dict]) -> dict:
 # --------------------------------------------------------------------------- formatting
 
 
-def _compact_float(value: float) -> str:
+def compact_float(value: float) -> str:
     """5e-05 -> 5e-5, 0.0015 -> 1.5e-3, 0.05 -> 0.05, 1e+20 -> 1e20."""
     text = f"{value:.3g}"
     if "e" in text:
@@ -416,7 +416,7 @@ def format_value(kind: str, value) -> str:
         return f"{value:+.3f}" if abs(value) <= 1 else f"{value:+.3g}"
     if kind == "setting":
         if isinstance(value, float):
-            return _compact_float(value)
+            return compact_float(value)
         if isinstance(value, (list, dict)):
             return json.dumps(value, ensure_ascii=False)
     return str(value)

@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import adalora, disk, models
 from .atomic import atomic_dir, read_json, write_json
-from .errors import FtflowError, StageError
+from .errors import FtflowError, StageError, in_stage
 from .launch import data_parallel_training_values
 from .packing import packing_collator
 from .provenance import provenance
@@ -319,12 +319,8 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     tokens_before, label_tokens_before = trainer.tokens_seen, trainer.label_tokens_seen
 
     started = time.time()
-    try:
+    with in_stage(exp_name, stage_name):  # e.g. no room for a checkpoint
         result = trainer.train(resume_from_checkpoint=resume)
-    except StageError:
-        raise
-    except FtflowError as e:  # e.g. no room for a checkpoint
-        raise StageError(exp_name, stage_name, str(e)) from None
     wall = time.time() - started
     if budget is not None and args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         # the Trainer reloaded the best checkpoint's weights; its rank pattern goes with them
@@ -343,10 +339,8 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
         return {"status": status, "rank": args.process_index}
     if status == "ok":
         target = os.path.join(out_dir, "model" if method == "full" else "adapter")
-        try:
+        with in_stage(exp_name, stage_name):
             disk.require_free_space(out_dir, disk.tensor_bytes(trainer.model, trainable_only=method != "full"), f"the {os.path.basename(target)}")
-        except FtflowError as e:
-            raise StageError(exp_name, stage_name, str(e)) from None
         with atomic_dir(target) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

@@ -58,6 +58,17 @@ def machine_info() -> dict:
     return info
 
 
+def _relative_paths(value, root: str):
+    """`value` with every absolute path under `root` made relative to it."""
+    if isinstance(value, dict):
+        return {k: _relative_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_paths(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and (value == root or value.startswith(root + os.sep)):
+        return os.path.relpath(value, root)
+    return value
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -112,6 +123,7 @@ def run_bench(out: str, work: str, configfile: str, quick: bool, gpu: bool, core
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["provenance"] = {"git_commit": git_commit(), "packages": package_versions()}
     os.makedirs(out, exist_ok=True)
+    results = _relative_paths(results, os.getcwd())  # a results file names no folder of the machine it ran on
     write_json(os.path.join(out, "results.json"), results)
     write_text(os.path.join(out, "results.md"), render_markdown(results))
     return results
