@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ftflow.config import content_hash
+from ftflow.hashing import content_hash
 from ftflow.report import build_table, collect, format_value, headline, write_report
 
 TRAINING = {"learning_rate": 5e-4, "per_device_train_batch_size": 2, "num_train_epochs": 3, "seed": 42}

@@ -31,7 +31,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .config import adalora_schedule_problem, optimizer_steps
+from .schedule import adalora_schedule_problem, optimizer_steps
 from .errors import StageError
 
 STATE_FILE = "ftflow_adalora.json"

@@ -24,6 +24,9 @@ import yaml
 
 from . import fields as libfields
 from .errors import ConfigError
+from .hashing import canonical_json, content_hash  # noqa: F401  (re-exported for the planner)
+from .schedule import BatchSplitError, adalora_schedule_problem, optimizer_steps, per_process_batch, smoke_adalora_schedule  # noqa: F401
+from .specs import FORMAT_VERSION, DatasetSpec, DataSpec, EvalSpec, ExperimentSpec, ModelSpec, StageSpec  # noqa: F401
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 METHODS = ("full", "lora", "qlora", "adalora")
@@ -44,7 +47,6 @@ LOSS_METRICS = ("eval_loss", "perplexity")
 def primary_metric_choices(metrics) -> tuple:
     return (*[out for m in metrics for out in METRIC_OUTPUTS[m]], *LOSS_METRICS)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
-FORMAT_VERSION = 1  # bump when the meaning of a resolved config changes
 
 # TrainingArguments fields that ftflow sets itself; a user value would be ignored or break the DAG.
 RESERVED_TRAINING_KEYS = {
@@ -150,142 +152,6 @@ EXPERIMENT_KEYS = DEFAULT_KEYS + ("stages", "description", "baseline")
 DICT_SECTIONS = ("lora", "adalora", "quantization", "training", "divergence", "eval")
 
 
-# --------------------------------------------------------------------------- typed config
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A base model and where its weights come from (exactly one of hub, path, package)."""
-
-    name: str
-    hub: str | None = None  # Hugging Face hub id, e.g. Qwen/Qwen3-0.6B
-    path: str | None = None  # local HF folder or .gguf file
-    package: str | None = None  # installed Python package that ships a GGUF file
-    file: str | None = None  # GGUF file name inside `package` (or beside `path`)
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    trust_remote_code: bool = False  # run the model repo's own Python code (off unless set)
-    dtype: str = "auto"  # dtype the prepared weights are stored in
-    arch: str | None = None  # architecture family, used for the smoke-mode stand-in
-    chat_template: str | None = None  # Jinja chat template to install (text or file path)
-
-    def source_text(self) -> str:
-        if self.hub:
-            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
-        if self.package:
-            return f"package:{self.package}/{self.file}"
-        return f"path:{self.path}" + (f"/{self.file}" if self.file else "")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset: where rows come from, how they become tokens, how they are scored."""
-
-    name: str
-    source: Any  # "hub:<id>", "modelscope:<id>", "generator:<name>", a path/glob, or {split: path}
-    kind: str = "chat"  # text | instruction | chat
-    subset: str | None = None  # hub config name
-    revision: str | None = None  # hub revision
-    hub_splits: dict | None = None  # {train: "train", validation: "validation", test: "test"}
-    args: dict = field(default_factory=dict)  # generator arguments
-    template: str | None = None  # instruction: Python format string over columns
-    prompt: str | None = None  # instruction: explicit prompt template
-    completion: str | None = None  # instruction: explicit completion template
-    text_column: str = "text"  # text kind: column holding the raw text
-    messages_column: str = "messages"  # chat kind: column holding the message list
-    loss_on: str | None = None  # completion | assistant | all (default by kind)
-    chat_template: str | None = None  # override the tokenizer's chat template
-    max_length: int = 1024  # tokens per example (text: block size)
-    truncation: str = "drop"  # drop | truncate rows longer than max_length
-    splits: dict | None = None  # {validation: n|fraction, test: n|fraction, seed: int}
-    metrics: tuple = ()  # task metrics computed on generated outputs
-    primary_metric: str | None = None  # metric that picks the best row of the report
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """One tokenization job: a dataset, the tokenizer of one model, and caps."""
-
-    data_id: str
-    dataset: DatasetSpec
-    model: str  # the model whose tokenizer is used
-    tokenizer_source: str
-    max_length: int
-    row_caps: dict | None  # smoke mode: {train: n, validation: n, test: n}
-    fingerprint: str  # content hash of the source files or generator args
-    # Everything that changes the tokens, and nothing else: written as the tokenize
-    # job's spec file and hashed into data_id (see tokenization_settings).
-    settings: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    index: int
-    method: str
-    dataset: str
-    data_id: str
-    init_from: str  # merged | adapter
-    max_length: int
-    packing: bool
-    lora: dict
-    adalora: dict
-    quantization: dict
-    training: dict
-    divergence: dict
-    gpus: int | None
-
-    @property
-    def uses_adapter(self) -> bool:
-        return self.method != "full"
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    dataset: str
-    data_id: str
-    split: str
-    loss_split: str
-    max_new_tokens: int
-    batch_size: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    max_examples: int | None
-    metrics: tuple
-    primary_metric: str | None
-
-
-@dataclass(frozen=True)
-class ExperimentSpec:
-    name: str
-    model: str
-    stages: tuple[StageSpec, ...]
-    eval: EvalSpec
-    baseline: bool = False
-    description: str = ""
-    sweep: str | None = None
-    sweep_params: dict = field(default_factory=dict)
-    smoke: bool = False
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["format_version"] = FORMAT_VERSION
-        return data
-
-    @property
-    def config_hash(self) -> str:
-        return content_hash(self.to_json())
-
-    def stage(self, name: str) -> StageSpec:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise KeyError(f"experiment {self.name!r} has no stage {name!r}")
-
-    def previous(self, stage: StageSpec) -> StageSpec | None:
-        return self.stages[stage.index - 1] if stage.index > 0 else None
-
-
 @dataclass
 class Plan:
     models: dict[str, ModelSpec]
@@ -344,14 +210,6 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def canonical_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
-def content_hash(data: Any, length: int = 16) -> str:
-    return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()[:length]
 
 
 def write_if_changed(path: str, data: Any) -> bool:
@@ -657,39 +515,6 @@ def _check_best_model(path: str, training: dict) -> None:
         raise ConfigError(f"{path}.save_steps", f"{training['save_steps']} is not a multiple of eval_steps {every}; load_best_model_at_end needs a checkpoint at each evaluation")
 
 
-def optimizer_steps(train_rows: int, per_device_batch: int, accumulation: int, epochs: float, max_steps: int, processes: int = 1, drop_last: bool = False) -> int:
-    """Optimizer steps HF Trainer takes: max_steps when set, else epochs x ceil(batches / accumulation)."""
-    if max_steps and max_steps > 0:
-        return int(max_steps)
-    rows_per_batch = per_device_batch * processes
-    batches = train_rows // rows_per_batch if drop_last else math.ceil(train_rows / rows_per_batch)
-    per_epoch = max(math.ceil(batches / accumulation), 1)
-    return int(math.ceil(epochs * per_epoch))
-
-
-def adalora_schedule_problem(adalora: dict, total_step: int) -> str | None:
-    """Why an AdaLoRA schedule over `total_step` steps never prunes a rank, or None when it does."""
-    tinit, tfinal = adalora["tinit"], adalora["tfinal"]
-    if tinit < total_step - tfinal:
-        return None
-    return (
-        f"the schedule has no budgeting phase: tinit ({tinit}) >= total_step ({total_step}) - tfinal ({tfinal}) "
-        f"= {total_step - tfinal}, so no rank is ever pruned and AdaLoRA trains as plain LoRA; "
-        "lower adalora.tinit or adalora.tfinal, or train for more steps"
-    )
-
-
-def smoke_adalora_schedule(steps: int) -> dict:
-    """An AdaLoRA schedule laid over a smoke run's few steps, keeping all three phases.
-
-    The config's tinit/tfinal (hundreds of steps) would leave a 3-step smoke run
-    no budgeting phase. Over `steps` steps: warm-up for the first quarter, the
-    final (fixed-rank) phase for the last quarter but at least one step, and a
-    mask after every step in between; e.g. 3 steps: 0 warm-up, 1 budgeting, 1 final.
-    """
-    return {"tinit": steps // 4, "tfinal": max(1, steps // 4) if steps >= 2 else 0, "deltaT": 1}
-
-
 def _check_adalora_schedule(path: str, stage: StageSpec, dataset: DatasetSpec, workdir: str) -> None:
     """Reject, before any job, a schedule with no budgeting phase whenever the step count is known now."""
     training = stage.training
@@ -827,7 +652,7 @@ SOURCE_ONLY_KEYS = {"subset": ("hub", "modelscope"), "revision": ("hub", "models
 
 def _check_dataset_settings(path: str, values: dict, kind: str) -> None:
     """Template syntax, split settings and keys that fit the kind and the source, before any job."""
-    from .data import template_columns
+    from .encoding import template_columns
     from .sources import SPLITS, check_split_settings
 
     for key, only in KIND_ONLY_KEYS.items():
@@ -925,7 +750,7 @@ def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
     (data.ENCODING_KEYS; a template split into prompt and completion, loss_on filled in,
     a chat template file read), the source and its options, and the split settings.
     Metrics, primary_metric and keys the kind does not read never reach data_id."""
-    from .data import DEFAULT_LOSS_ON, ENCODING_KEYS, TOKENIZATION_VERSION, split_template
+    from .encoding import DEFAULT_LOSS_ON, ENCODING_KEYS, TOKENIZATION_VERSION, split_template
 
     values = asdict(dataset)
     if dataset.kind == "instruction" and dataset.template:
@@ -962,7 +787,7 @@ PEEK_FILES = 3  # files of a glob whose first rows are checked at config time
 
 def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], workdir: str) -> None:
     """A column the dataset needs that none of a file's first rows has is a config error, before any job."""
-    from .data import template_columns
+    from .encoding import template_columns
     from .sources import peek_columns
 
     dataset_path = path.split(".source")[0]
@@ -1118,7 +943,6 @@ def _resolve_stage(
 
 def _check_data_parallel(path: str, gpus: int | None, training: dict) -> None:
     """A stage on k > 1 GPUs must split its effective batch evenly over them (launch.py)."""
-    from .launch import BatchSplitError, per_process_batch
 
     if not gpus or gpus <= 1:
         return

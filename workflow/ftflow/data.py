@@ -27,28 +27,19 @@ import json
 import logging
 import math
 import os
-import string
+
 import time
 from collections import Counter
 from typing import Any
 
 from .atomic import atomic_dir, read_json, write_json
 from .errors import FtflowError
+from .encoding import DEFAULT_LOSS_ON, ENCODING_KEYS, TOKENIZATION_VERSION, split_template, template_columns, template_fields  # noqa: F401
 from .sources import SPLITS, SourceRow, cut_splits, load_source
 
 log = logging.getLogger("ftflow.data")
 
-# Bump when a change here changes the tokens written for the same spec: it is
-# part of every data_id, so cached tokenizations are redone.
-TOKENIZATION_VERSION = 2
 IGNORE = -100
-DEFAULT_LOSS_ON = {"text": "all", "instruction": "completion", "chat": "assistant"}
-# Dataset settings that change the tokens, by kind (config.py hashes exactly these).
-ENCODING_KEYS = {
-    "text": ("text_column",),
-    "instruction": ("prompt", "completion", "loss_on", "truncation"),
-    "chat": ("messages_column", "chat_template", "loss_on", "truncation"),
-}
 DROP_REASONS = {
     "empty": "the text to learn is empty (or a template column is null)",
     "missing_column": "a column the kind or template needs is absent from the row",
@@ -76,50 +67,6 @@ class RowError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
-
-
-# --------------------------------------------------------------------------- templates
-
-
-def template_fields(template: str) -> list[tuple[str, int]]:
-    """[(column, offset of its '{' in the template)] of a format template; ValueError if malformed."""
-    fields = []
-    offset = 0
-    for literal, name, spec, conversion in string.Formatter().parse(template):
-        # parse() un-doubles '{{' and '}}' in literal text; count them as written
-        offset += len(literal) + literal.count("{") + literal.count("}")
-        if name is None:
-            continue
-        if name == "" or name.isdigit():
-            raise ValueError("use named placeholders such as {title}; positional {} and {0} have no column")
-        if not name.isidentifier():
-            raise ValueError(f"placeholder {{{name}}} is not a column name (attribute and index lookups are not supported)")
-        if "{" in (spec or ""):
-            raise ValueError(f"placeholder {{{name}}}: nested placeholders in a format spec are not supported")
-        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        fields.append((name, offset))
-        offset += len(written)
-    return fields
-
-
-def template_columns(template: str) -> list[str]:
-    columns = []
-    for name, _ in template_fields(template):
-        if name not in columns:
-            columns.append(name)
-    return columns
-
-
-def split_template(template: str) -> tuple[str, str]:
-    """(prompt, completion) templates: the completion starts at the last placeholder.
-
-    '请创作一首古诗，主题关于{title}：\\n{content}' -> ('请创作一首古诗，主题关于{title}：\\n', '{content}')
-    """
-    fields = template_fields(template)
-    if not fields:
-        raise ValueError("the template has no {column} placeholder, so nothing in it is the completion")
-    start = fields[-1][1]
-    return template[:start], template[start:]
 
 
 # --------------------------------------------------------------------------- encoding rows

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import models
 from .atomic import read_json, write_json, write_text
-from .config import content_hash
+from .hashing import content_hash
 from .errors import StageError
 from .metrics import compute as compute_metric
 from .packing import packing_collator

@@ -29,28 +29,9 @@ import subprocess
 import sys
 
 from .gpu_slots import GpuSlots
+from .schedule import BatchSplitError, per_process_batch  # noqa: F401  (BatchSplitError: raised through here)
 
 log = logging.getLogger("ftflow.launch")
-
-
-class BatchSplitError(ValueError):
-    """The effective batch does not split evenly over the processes."""
-
-
-def per_process_batch(per_device: int, accumulation: int, processes: int) -> tuple[int, int]:
-    """(micro-batch, accumulation steps) per process that keep the effective batch; see the module text."""
-    effective = per_device * accumulation
-    if processes <= 1:
-        return per_device, accumulation
-    if effective % processes:
-        raise BatchSplitError(
-            f"per_device_train_batch_size x gradient_accumulation_steps = {per_device} x {accumulation} = "
-            f"{effective} examples per optimizer step do not split evenly over {processes} GPUs; "
-            f"make it a multiple of {processes}"
-        )
-    share = effective // processes
-    accumulation_steps = next(g for g in range(1, share + 1) if share % g == 0 and share // g <= per_device)
-    return share // accumulation_steps, accumulation_steps
 
 
 def data_parallel_training_values(training: dict, processes: int) -> dict:

@@ -193,7 +193,7 @@ def padding_collator(tokenizer):
 
 
 def stage_fingerprint(experiment: dict, stage: dict) -> str:
-    from .config import content_hash
+    from .hashing import content_hash
 
     return content_hash({"stage": stage, "model": experiment["model"], "smoke": experiment.get("smoke")})
 

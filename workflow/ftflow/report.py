@@ -31,7 +31,7 @@ import re
 import shutil
 
 from .atomic import atomic_dir, read_json, write_text
-from .config import content_hash
+from .hashing import content_hash
 from .errors import FtflowError
 
 LOWER_IS_BETTER = {"eval_loss", "perplexity", "invalid_json", "invalid_json_rate"}

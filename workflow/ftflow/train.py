@@ -427,7 +427,7 @@ def build_training_arguments(stage: dict, output_dir: str, has_eval: bool, run_n
 
 
 def _write_metrics(path: str, experiment: dict, stage: dict, status: str, **extra) -> dict:
-    from .config import content_hash
+    from .hashing import content_hash
 
     data = {
         "experiment": experiment["name"],

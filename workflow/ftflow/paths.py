@@ -1,0 +1,131 @@
+"""Every output path of a run, in one place.
+
+The rules build their input and output patterns from a `Layout` with wildcard
+placeholders (`layout.train_metrics("{experiment}", "{stage}")`), the planner
+writes spec files to the same names, and the jobs and the report find each
+other's outputs through it, so the results layout (README, "Output contract")
+is written down once.
+
+Standard library only: the planner and every job import it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+SMOKE_SUFFIX = ".smoke"  # smoke-mode stand-ins of a model live beside the real one, never in its place
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where outputs go under `results`, logs under `logs`, benchmark files under `benchmarks`."""
+
+    results: str = "results"
+    logs: str = "logs"
+    benchmarks: str = "benchmarks"
+
+    # ------------------------------------------------------------------ models and data
+
+    @staticmethod
+    def model_name(model: str, smoke: bool) -> str:
+        """The folder name of a prepared model: the config's name, marked in smoke mode."""
+        return model + SMOKE_SUFFIX if smoke else model
+
+    def model_dir(self, model_name: str) -> str:
+        """results/models/{model}/: a prepared base model (`model_name` as from `model_name()`)."""
+        return f"{self.results}/models/{model_name}"
+
+    def model_spec(self, model_name: str) -> str:
+        return f"{self.model_dir(model_name)}.json"
+
+    def data_dir(self, data_id: str) -> str:
+        """results/data/{data_id}/: a tokenized dataset, shared by every experiment with the same data_id."""
+        return f"{self.results}/data/{data_id}"
+
+    def data_spec(self, data_id: str) -> str:
+        return f"{self.data_dir(data_id)}.json"
+
+    def file_hashes(self) -> str:
+        """The planner's cache of data-file SHA-256s."""
+        return f"{self.results}/data/.file-hashes.json"
+
+    # ------------------------------------------------------------------ experiments and stages
+
+    def experiment_dir(self, experiment: str) -> str:
+        return f"{self.results}/{experiment}"
+
+    def experiment_config(self, experiment: str) -> str:
+        """results/{experiment}/config.json: the resolved config, rewritten only when it changes."""
+        return f"{self.experiment_dir(experiment)}/config.json"
+
+    def stage_dir(self, experiment: str, stage: str) -> str:
+        return f"{self.experiment_dir(experiment)}/{stage}"
+
+    def train_metrics(self, experiment: str, stage: str) -> str:
+        """Written last by the train job: its presence marks the stage done."""
+        return f"{self.stage_dir(experiment, stage)}/train_metrics.json"
+
+    def artifact_dir(self, experiment: str, stage: str, artifact: str) -> str:
+        """{stage}/adapter/ or {stage}/model/: what training produced (methods.Method.artifact)."""
+        return f"{self.stage_dir(experiment, stage)}/{artifact}"
+
+    def adapter_dir(self, experiment: str, stage: str) -> str:
+        return self.artifact_dir(experiment, stage, "adapter")
+
+    def tensorboard_dir(self, experiment: str, stage: str) -> str:
+        return f"{self.stage_dir(experiment, stage)}/tb"
+
+    def merged_dir(self, experiment: str, stage: str) -> str:
+        return f"{self.stage_dir(experiment, stage)}/merged"
+
+    def eval_dir(self, experiment: str) -> str:
+        return f"{self.experiment_dir(experiment)}/eval"
+
+    def eval_metrics(self, experiment: str) -> str:
+        return f"{self.eval_dir(experiment)}/metrics.json"
+
+    def predictions(self, experiment: str) -> str:
+        return f"{self.eval_dir(experiment)}/predictions.jsonl"
+
+    # ------------------------------------------------------------------ report
+
+    def report_dir(self) -> str:
+        return f"{self.results}/report"
+
+    def partial_report_dir(self) -> str:
+        """The report written by the onerror handler when jobs failed."""
+        return f"{self.report_dir()}/partial"
+
+    def experiments_file(self) -> str:
+        """The experiment names the report covers (rewritten only when they change)."""
+        return f"{self.report_dir()}/experiments.json"
+
+    # ------------------------------------------------------------------ logs and benchmarks
+
+    def model_log(self, model_name: str) -> str:
+        return f"{self.logs}/models/{model_name}.log"
+
+    def data_log(self, data_id: str) -> str:
+        return f"{self.logs}/data/{data_id}.log"
+
+    def stage_log(self, experiment: str, stage: str, step: str) -> str:
+        """logs/{experiment}/{stage}/{train|merge}.log"""
+        return f"{self.logs}/{experiment}/{stage}/{step}.log"
+
+    def eval_log(self, experiment: str) -> str:
+        return f"{self.logs}/{experiment}/eval.log"
+
+    def report_log(self) -> str:
+        return f"{self.logs}/report.log"
+
+    def stage_benchmark(self, experiment: str, stage: str, step: str) -> str:
+        return f"{self.benchmarks}/{experiment}/{stage}/{step}.tsv"
+
+    def eval_benchmark(self, experiment: str) -> str:
+        return f"{self.benchmarks}/{experiment}/eval.tsv"
+
+
+def stage_dir_of(train_metrics_path: str) -> str:
+    """The stage folder of a train_metrics.json (the merge job is handed only that file)."""
+    return os.path.dirname(train_metrics_path)

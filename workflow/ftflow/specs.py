@@ -1,0 +1,181 @@
+"""The resolved config: typed specs that the planner writes and every job reads back.
+
+The planner (ftflow.config) resolves the YAML into these frozen dataclasses
+and writes each experiment's `ExperimentSpec.to_json()` to
+results/{experiment}/config.json; the jobs read it back with
+`ExperimentSpec.read(path)`, so both sides speak the same typed contract and
+never index string-keyed dicts. Standard library only: the planner imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import FtflowError
+from .hashing import content_hash
+from .methods import METHODS, Method
+
+FORMAT_VERSION = 1  # bump when the meaning of a resolved config changes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A base model and where its weights come from (exactly one of hub, path, package)."""
+
+    name: str
+    hub: str | None = None  # Hugging Face hub id, e.g. Qwen/Qwen3-0.6B
+    path: str | None = None  # local HF folder or .gguf file
+    package: str | None = None  # installed Python package that ships a GGUF file
+    file: str | None = None  # GGUF file name inside `package` (or beside `path`)
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # run the model repo's own Python code (off unless set)
+    dtype: str = "auto"  # dtype the prepared weights are stored in
+    arch: str | None = None  # architecture family, used for the smoke-mode stand-in
+    chat_template: str | None = None  # Jinja chat template to install (text or file path)
+
+    def source_text(self) -> str:
+        if self.hub:
+            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
+        if self.package:
+            return f"package:{self.package}/{self.file}"
+        return f"path:{self.path}" + (f"/{self.file}" if self.file else "")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset: where rows come from, how they become tokens, how they are scored."""
+
+    name: str
+    source: Any  # "hub:<id>", "modelscope:<id>", "generator:<name>", a path/glob, or {split: path}
+    kind: str = "chat"  # text | instruction | chat
+    subset: str | None = None  # hub config name
+    revision: str | None = None  # hub revision
+    hub_splits: dict | None = None  # {train: "train", validation: "validation", test: "test"}
+    args: dict = field(default_factory=dict)  # generator arguments
+    template: str | None = None  # instruction: Python format string over columns
+    prompt: str | None = None  # instruction: explicit prompt template
+    completion: str | None = None  # instruction: explicit completion template
+    text_column: str = "text"  # text kind: column holding the raw text
+    messages_column: str = "messages"  # chat kind: column holding the message list
+    loss_on: str | None = None  # completion | assistant | all (default by kind)
+    chat_template: str | None = None  # override the tokenizer's chat template
+    max_length: int = 1024  # tokens per example (text: block size)
+    truncation: str = "drop"  # drop | truncate rows longer than max_length
+    splits: dict | None = None  # {validation: n|fraction, test: n|fraction, seed: int}
+    metrics: tuple = ()  # task metrics computed on generated outputs
+    primary_metric: str | None = None  # metric that picks the best row of the report
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One tokenization job: a dataset, the tokenizer of one model, and caps."""
+
+    data_id: str
+    dataset: DatasetSpec
+    model: str  # the model whose tokenizer is used
+    tokenizer_source: str
+    max_length: int
+    row_caps: dict | None  # smoke mode: {train: n, validation: n, test: n}
+    fingerprint: str  # content hash of the source files or generator args
+    # Everything that changes the tokens, and nothing else: written as the tokenize
+    # job's spec file and hashed into data_id (see tokenization_settings).
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    index: int
+    method: str
+    dataset: str
+    data_id: str
+    init_from: str  # merged | adapter
+    max_length: int
+    packing: bool
+    lora: dict
+    adalora: dict
+    quantization: dict
+    training: dict
+    divergence: dict
+    gpus: int | None
+
+    @property
+    def method_info(self) -> Method:
+        """The method's registry entry: its artifact, sections and PEFT config."""
+        return METHODS[self.method]
+
+    @classmethod
+    def from_json(cls, data: dict) -> StageSpec:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    dataset: str
+    data_id: str
+    split: str
+    loss_split: str
+    max_new_tokens: int
+    batch_size: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    max_examples: int | None
+    metrics: tuple
+    primary_metric: str | None
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalSpec:
+        return cls(**{**data, "metrics": tuple(data["metrics"])})
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    model: str
+    stages: tuple[StageSpec, ...]
+    eval: EvalSpec
+    baseline: bool = False
+    description: str = ""
+    sweep: str | None = None
+    sweep_params: dict = field(default_factory=dict)
+    smoke: bool = False
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["format_version"] = FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> ExperimentSpec:
+        """The spec back from its config.json (what every job reads)."""
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise FtflowError(
+                f"config.json of experiment {data.get('name')!r} has format_version {version!r}, "
+                f"this ftflow writes {FORMAT_VERSION}: re-run snakemake to rewrite it"
+            )
+        data["stages"] = tuple(StageSpec.from_json(stage) for stage in data["stages"])
+        data["eval"] = EvalSpec.from_json(data["eval"])
+        return cls(**data)
+
+    @classmethod
+    def read(cls, path: str) -> ExperimentSpec:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(json.load(handle))
+
+    @property
+    def config_hash(self) -> str:
+        return content_hash(self.to_json())
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"experiment {self.name!r} has no stage {name!r}")
+
+    def previous(self, stage: StageSpec) -> StageSpec | None:
+        return self.stages[stage.index - 1] if stage.index > 0 else None
