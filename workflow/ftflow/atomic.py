@@ -81,6 +81,24 @@ def write_json(path: str, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def write_if_changed(path: str, data: Any) -> bool:
+    """Write `data` as sorted, indented JSON unless the file already holds exactly that text.
+
+    The planner rewrites spec files on every parse; leaving an unchanged file
+    alone keeps its mtime, and the mtime is what tells Snakemake which jobs are
+    out of date. Returns whether the file was written.
+    """
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    write_text(path, text)
+    return True
+
+
 def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)

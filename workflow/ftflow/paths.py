@@ -93,6 +93,19 @@ class Layout:
     def report_dir(self) -> str:
         return f"{self.results}/report"
 
+    def report_table(self) -> str:
+        """summary.csv: one row per experiment; the workflow's final target."""
+        return f"{self.report_dir()}/summary.csv"
+
+    def report_html(self) -> str:
+        return f"{self.report_dir()}/report.html"
+
+    def report_markdown(self) -> str:
+        return f"{self.report_dir()}/report.md"
+
+    def report_plots(self) -> str:
+        return f"{self.report_dir()}/plots"
+
     def partial_report_dir(self) -> str:
         """The report written by the onerror handler when jobs failed."""
         return f"{self.report_dir()}/partial"
@@ -118,6 +131,9 @@ class Layout:
 
     def report_log(self) -> str:
         return f"{self.logs}/report.log"
+
+    def partial_report_log(self) -> str:
+        return f"{self.logs}/report-partial.log"
 
     def stage_benchmark(self, experiment: str, stage: str, step: str) -> str:
         return f"{self.benchmarks}/{experiment}/{stage}/{step}.tsv"
