@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from ftflow.hashing import content_hash
-from ftflow.report import build_table, collect, format_value, headline, write_report
+from ftflow.paths import Layout
+from ftflow.report import write_report
+from ftflow.report.collect import collect_runs
+from ftflow.report.formatting import format_value
+from ftflow.report.table import build_table, headline
+from ftflow.specs import FORMAT_VERSION, ExperimentSpec
 
 TRAINING = {"learning_rate": 5e-4, "per_device_train_batch_size": 2, "num_train_epochs": 3, "seed": 42}
 LORA = {"r": 16, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -48,7 +53,8 @@ def experiment_config(name: str, baseline: bool = False, primary: str = "json_fi
         "metrics": ["exact_match", "json_field_accuracy"],
         "primary_metric": primary,
     }
-    return {"name": name, "model": "smol", "stages": [] if baseline else [stage], "eval": evaluation, "baseline": baseline, "smoke": True}
+    config = {"name": name, "model": "smol", "stages": [] if baseline else [stage], "eval": evaluation, "baseline": baseline, "smoke": True}
+    return ExperimentSpec.from_json({**config, "format_version": FORMAT_VERSION}).to_json()  # as the planner writes it
 
 
 class Results:
@@ -90,16 +96,16 @@ class Results:
         path.write_text(text)
         return str(path)
 
-    def table(self) -> dict:
-        return build_table(collect(str(self.results), str(self.logs), self.names))
+    def table(self):
+        return build_table(collect_runs(Layout(str(self.results), str(self.logs)), self.names))
 
 
 def scores(accuracy: float, loss: float, exact: float = 0.0) -> dict:
     return {"eval_loss": loss, "perplexity": 2.718281828 ** loss, "metrics": {"exact_match": exact, "json_field_accuracy": accuracy, "invalid_json": 1, "invalid_json_rate": 0.1, "per_field": {"a": accuracy}}}
 
 
-def by_name(table: dict) -> dict:
-    return {line["experiment"]: line for line in table["lines"]}
+def by_name(table) -> dict:
+    return {line["experiment"]: line for line in table.rows}
 
 
 @pytest.fixture
@@ -115,9 +121,9 @@ def sweep(tmp_path) -> Results:
 
 def test_only_the_varied_settings_become_columns_with_short_names(sweep):
     table = sweep.table()
-    settings = [(key, label) for key, label, kind, _ in table["columns"] if kind == "setting"]
+    settings = [(key, label) for key, label, kind, _ in table.columns if kind == "setting"]
     assert settings == [("training.learning_rate", "lr"), ("lora.r", "r"), ("lora.lora_alpha", "alpha")]
-    assert table["shared"]["lora.lora_dropout"] == 0.05 and table["shared"]["training.per_device_train_batch_size"] == 2
+    assert table.shared["lora.lora_dropout"] == 0.05 and table.shared["training.per_device_train_batch_size"] == 2
     line = by_name(table)["lr-low"]
     assert format_value("setting", line["training.learning_rate"]) == "5e-5"
     assert line["stages"] == "lora" and by_name(table)["baseline"]["stages"] == "untuned"
@@ -125,14 +131,14 @@ def test_only_the_varied_settings_become_columns_with_short_names(sweep):
 
 def test_best_row_rank_order_and_delta_against_the_baseline(sweep):
     table = sweep.table()
-    assert [line["experiment"] for line in table["lines"]] == ["lr-high", "rank-64", "lr-low", "baseline"]
+    assert [line["experiment"] for line in table.rows] == ["lr-high", "rank-64", "lr-low", "baseline"]
     lines = by_name(table)
     assert [lines[n]["best"] for n in ("lr-high", "rank-64", "lr-low", "baseline")] == ["*", "", "", ""]
     assert [lines[n]["rank"] for n in ("lr-high", "rank-64", "lr-low", "baseline")] == [1, 2, 3, None]
     assert lines["lr-high"]["delta_json_field_accuracy"] == pytest.approx(0.54)
     assert lines["baseline"]["delta_json_field_accuracy"] is None
     assert lines["lr-high"]["tokens_per_s"] == pytest.approx(50.0)
-    text = headline(table["groups"][0], table)
+    text = headline(table.groups[0], table)
     assert "best lr-high at 0.640 (+0.540 against the untuned baseline's 0.100)" in text
     assert "lr 1.5e-3, r 16, alpha 64" in text
 
@@ -144,14 +150,14 @@ def test_a_baseline_that_wins_is_ranked_but_never_marked_best(tmp_path):
     results.add(experiment_config("baseline", baseline=True), train=None, evaluation=scores(0.50, 0.7))
     table = results.table()
     # the baseline ties b on the primary metric and has the lower eval loss, yet b is best and listed first among the tied
-    assert [(line["experiment"], line["best"]) for line in table["lines"]] == [("baseline", ""), ("b", "*"), ("a", "")]
+    assert [(line["experiment"], line["best"]) for line in table.rows] == [("baseline", ""), ("b", "*"), ("a", "")]
     table2 = Results(tmp_path / "2")
     table2.add(experiment_config("a", training={"learning_rate": 1e-4}), evaluation=scores(0.30, 0.9))
     table2.add(experiment_config("b", training={"learning_rate": 2e-4}), evaluation=scores(0.20, 0.8))
     table2.add(experiment_config("baseline", baseline=True), train=None, evaluation=scores(0.60, 0.7))
     built = table2.table()
     assert by_name(built)["a"]["best"] == "*"
-    assert "no tuned run beats the untuned baseline" in headline(built["groups"][0], built)
+    assert "no tuned run beats the untuned baseline" in headline(built.groups[0], built)
 
 
 def test_all_zero_primary_metric_falls_back_to_eval_loss(tmp_path):
@@ -160,9 +166,9 @@ def test_all_zero_primary_metric_falls_back_to_eval_loss(tmp_path):
         results.add(experiment_config(name, training={"learning_rate": loss / 1e4}), evaluation=scores(0.0, loss))
     results.add(experiment_config("baseline", baseline=True), train=None, evaluation=scores(0.0, 10.84))
     table = results.table()
-    assert [line["experiment"] for line in table["lines"]] == ["b", "c", "a", "baseline"]
+    assert [line["experiment"] for line in table.rows] == ["b", "c", "a", "baseline"]
     assert by_name(table)["b"]["best"] == "*"
-    assert "every finished run scores 0.000, so eval loss decides: best b at eval loss 10.72 (untuned baseline 10.84)" in headline(table["groups"][0], table)
+    assert "every finished run scores 0.000, so eval loss decides: best b at eval loss 10.72 (untuned baseline 10.84)" in headline(table.groups[0], table)
 
 
 def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
@@ -177,8 +183,8 @@ def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
     everyone.add(experiment_config("a", training={"learning_rate": 1e-4}), evaluation=scores(0.0, 0.4))
     everyone.add(experiment_config("b", training={"learning_rate": 2e-4}), evaluation=scores(0.0, 0.4))
     table = everyone.table()
-    assert not any(line["best"] for line in table["lines"])
-    assert "no best row" in headline(table["groups"][0], table)
+    assert not any(line["best"] for line in table.rows)
+    assert "no best row" in headline(table.groups[0], table)
 
 
 def test_lower_is_better_primary_metric(tmp_path):

@@ -7,6 +7,7 @@
 
 Diverged runs are drawn dashed, and the y axis is fitted to the runs that
 finished, so one exploding loss does not flatten every other curve.
+matplotlib and tensorboard are imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import math
 import os
 import textwrap
 
-from .report import compact_float  # ticks spell values as the table does: 2e-4, 1.5e-3
+from ..paths import Layout
+from .collect import Run
+from .formatting import compact_float  # ticks spell values as the table does: 2e-4, 1.5e-3
+from .table import Group, Row, Setting, Table
 
 BEST = "#2b8a3e"
 BAD = "#c92a2a"
@@ -42,7 +46,7 @@ def read_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def loss_curves(results: str, row: dict) -> dict[str, list[tuple[int, float]]]:
+def loss_curves(layout: Layout, run: Run) -> dict[str, list[tuple[int, float]]]:
     """{"train/loss": points, "eval/loss": points} of one experiment, stages laid end to end.
 
     Stage k's steps are offset by the steps of the stages before it, so a
@@ -51,8 +55,8 @@ def loss_curves(results: str, row: dict) -> dict[str, list[tuple[int, float]]]:
     """
     curves: dict[str, list] = {"train/loss": [], "eval/loss": []}
     offset = 0
-    for stage, metrics in zip(row["config"]["stages"], row["stages"]):
-        scalars = read_scalars(os.path.join(results, row["experiment"], stage["name"], "tb"))
+    for stage, metrics in zip(run.spec.stages, run.train_metrics):
+        scalars = read_scalars(layout.tensorboard_dir(run.name, stage.name))
         if not scalars.get("train/loss") and metrics:
             scalars = {
                 "train/loss": [(p["step"], p["loss"]) for p in metrics.get("losses", [])],
@@ -86,11 +90,11 @@ def _pyplot():
     return plt
 
 
-def plot_losses(rows: list[dict], lines: dict, results: str, plot_dir: str) -> list[str]:
+def plot_losses(runs: list[Run], rows: dict[str, Row], layout: Layout, plot_dir: str) -> list[str]:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    curves = {row["experiment"]: loss_curves(results, row) for row in rows if row["config"]["stages"]}
+    curves = {run.name: loss_curves(layout, run) for run in runs if run.spec.stages}
     written = []
     for tag, title, filename in (("train/loss", "Training loss", "train_loss.png"), ("eval/loss", "Validation loss during training", "eval_loss.png")):
         drawn = {name: c[tag] for name, c in curves.items() if c[tag]}
@@ -100,17 +104,17 @@ def plot_losses(rows: list[dict], lines: dict, results: str, plot_dir: str) -> l
         colors = plt.get_cmap("tab20").colors
         ok_values = []
         for i, (name, points) in enumerate(drawn.items()):
-            line = lines[name]
-            ok = line["status"] == "ok"
+            row = rows[name]
+            ok = row.status == "ok"
             if ok:
                 ok_values.extend(_finite(v for _, v in points))
             ax.plot(
                 [p[0] for p in points],
                 [p[1] for p in points],
-                label=name + ("" if ok else f" ({line['status']})"),
+                label=name + ("" if ok else f" ({row.status})"),
                 color=colors[i % len(colors)],
                 linestyle="-" if ok else "--",
-                linewidth=2.6 if line["best"] else 1.2,
+                linewidth=2.6 if row.best else 1.2,
                 marker="." if len(points) < 30 else None,
             )
         if ok_values:
@@ -131,7 +135,7 @@ def plot_losses(rows: list[dict], lines: dict, results: str, plot_dir: str) -> l
     return written
 
 
-def plot_primary(group: dict, table: list[dict], plot_dir: str) -> str:
+def plot_primary(group: Group, rows: list[Row], plot_dir: str) -> str:
     """The group's primary metric per experiment in table order (best first), beside eval loss.
 
     Dots rather than bars: a sweep's eval losses differ in the second decimal,
@@ -139,36 +143,36 @@ def plot_primary(group: dict, table: list[dict], plot_dir: str) -> str:
     breaks ties, e.g. when no run gets a single exact match yet.
     """
     plt = _pyplot()
-    primary = group["primary"]
-    members = [line for line in table if line["_group"] == group["key"]]
+    primary = group.primary
+    members = [row for row in rows if row.group == group.key]
     metrics = [primary] + (["eval_loss"] if primary != "eval_loss" else [])
     height = max(2.6, 0.3 * len(members) + 1.3)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 1.6, height), sharey=True, squeeze=False)
     positions = list(range(len(members)))
-    colors = [BASELINE if line["_baseline"] else BEST if line["best"] else TUNED if line["status"] == "ok" else BAD for line in members]
+    colors = [BASELINE if row.baseline else BEST if row.best else TUNED if row.status == "ok" else BAD for row in members]
     for ax, metric in zip(axes[0], metrics):
-        values = [line.get(metric) if line["status"] == "ok" else None for line in members]
+        values = [row.get(metric) if row.status == "ok" else None for row in members]
         shown = [(y, v, c) for y, v, c in zip(positions, values, colors) if isinstance(v, (int, float)) and math.isfinite(v)]
         ax.hlines([y for y, _, _ in shown], 0, 1, transform=ax.get_yaxis_transform(), color="#e9ecef", linewidth=0.8, zorder=1)
         ax.scatter([v for _, v, _ in shown], [y for y, _, _ in shown], c=[c for _, _, c in shown], s=40, zorder=3)
-        for y, line in zip(positions, members):
-            if line["status"] != "ok":
-                ax.text(0.01, y, line["status"], transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=BAD)
-        base = next((line.get(metric) for line in members if line["_baseline"] and isinstance(line.get(metric), (int, float))), None)
+        for y, row in zip(positions, members):
+            if row.status != "ok":
+                ax.text(0.01, y, row.status, transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=BAD)
+        base = next((row.get(metric) for row in members if row.baseline and isinstance(row.get(metric), (int, float))), None)
         if base is not None and math.isfinite(base):
             ax.axvline(base, color=BASELINE, linestyle="--", linewidth=1)
         distinct = {v for _, v, _ in shown}
         if len(distinct) == 1:
             ax.text(0.5, 1.01, f"every run: {next(iter(distinct)):.4g}", transform=ax.transAxes, ha="center", fontsize=8)
-        better = "lower is better" if metric in ("eval_loss", "perplexity") or (metric == primary and group["lower_is_better"]) else "higher is better"
+        better = "lower is better" if metric in ("eval_loss", "perplexity") or (metric == primary and group.lower_is_better) else "higher is better"
         ax.set_xlabel(f"{metric} ({better})", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.margins(x=0.08)
     axes[0][0].set_yticks(positions)
-    axes[0][0].set_yticklabels([line["experiment"] for line in members], fontsize=8)
+    axes[0][0].set_yticklabels([row.experiment for row in members], fontsize=8)
     axes[0][0].invert_yaxis()
-    fig.suptitle(f"{primary} on {group['dataset']}, best first (green: best, grey: untuned baseline, red: not ok)", fontsize=10)
+    fig.suptitle(f"{primary} on {group.dataset}, best first (green: best, grey: untuned baseline, red: not ok)", fontsize=10)
     fig.tight_layout()
     filename = f"{primary}.png"
     fig.savefig(os.path.join(plot_dir, filename), dpi=110)
@@ -176,30 +180,29 @@ def plot_primary(group: dict, table: list[dict], plot_dir: str) -> str:
     return filename
 
 
-def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: str) -> str | None:
+def plot_sweep(group: Group, rows: list[Row], settings: list[Setting], plot_dir: str) -> str | None:
     """One panel per varied setting: the primary metric (and eval loss) of each finished run against it.
 
     Settings that move together (r and alpha tied at 4 x r) share one panel.
     """
-    members = [line for line in table if line["_group"] == group["key"] and not line["_baseline"] and line["status"] == "ok"]
+    members = [row for row in rows if row.group == group.key and not row.baseline and row.status == "ok"]
     panels = []
     seen_partitions = {}
     for setting in settings:
-        key = setting["key"]
-        values = [line["_settings"].get(key) for line in members]
+        values = [row.settings.get(setting.key) for row in members]
         if len({repr(v) for v in values}) < 2:
             continue
         partition = tuple(sorted(tuple(i for i, v in enumerate(values) if repr(v) == r) for r in {repr(v) for v in values}))
         if partition in seen_partitions:  # moves exactly with an earlier setting
-            seen_partitions[partition]["label"] += f" / {setting['short']}"
+            seen_partitions[partition]["label"] += f" / {setting.short}"
             continue
-        panel = {"key": key, "label": setting["short"], "values": values}
+        panel = {"label": setting.short, "values": values}
         seen_partitions[partition] = panel
         panels.append(panel)
     if not panels:
         return None
-    primary = group["primary"]
-    metrics = [m for m in dict.fromkeys([primary, "eval_loss"]) if len({repr(line.get(m)) for line in members}) > 1]
+    primary = group.primary
+    metrics = [m for m in dict.fromkeys([primary, "eval_loss"]) if len({repr(row.get(m)) for row in members}) > 1]
     if not metrics:
         return None
     plt = _pyplot()
@@ -209,7 +212,7 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
     fig, axes = plt.subplots(
         rows_per_metric * len(metrics), columns, figsize=(3.3 * columns + 0.6, 2.7 * rows_per_metric * len(metrics) + 0.5), squeeze=False
     )
-    baseline = next((line for line in table if line["_group"] == group["key"] and line["_baseline"]), None)
+    baseline = next((row for row in rows if row.group == group.key and row.baseline), None)
     for index, panel in enumerate(panels):
         xs = panel["values"]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
@@ -218,10 +221,10 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
             xs = [categories.index(_category(x)) for x in xs]
         for block, metric in enumerate(metrics):
             ax = axes[block * rows_per_metric + index // columns][index % columns]
-            points = [(x, line.get(metric), line) for x, line in zip(xs, members) if isinstance(line.get(metric), (int, float))]
-            ax.scatter([p[0] for p in points], [p[1] for p in points], color=[BEST if p[2]["best"] else TUNED for p in points], s=22, zorder=3)
-            if baseline is not None and isinstance(baseline.get(metric), (int, float)) and math.isfinite(baseline[metric]):
-                ax.axhline(baseline[metric], color=BASELINE, linestyle="--", linewidth=1, label="baseline")
+            points = [(x, row.get(metric), row) for x, row in zip(xs, members) if isinstance(row.get(metric), (int, float))]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], color=[BEST if p[2].best else TUNED for p in points], s=22, zorder=3)
+            if baseline is not None and isinstance(baseline.get(metric), (int, float)) and math.isfinite(baseline.get(metric)):
+                ax.axhline(baseline.get(metric), color=BASELINE, linestyle="--", linewidth=1, label="baseline")
             if numeric:
                 positive = [x for x in xs if x > 0]
                 if len(positive) == len(xs) and max(positive) / min(positive) >= 4:
@@ -252,12 +255,12 @@ def plot_sweep(group: dict, table: list[dict], settings: list[dict], plot_dir: s
     return filename
 
 
-def make_plots(rows: list[dict], table: list[dict], groups: list[dict], settings: list[dict], results: str, plot_dir: str) -> list[str]:
-    lines = {line["experiment"]: line for line in table}
-    written = plot_losses(rows, lines, results, plot_dir)
-    for group in groups:
-        written.append(plot_primary(group, table, plot_dir))
-        sweep = plot_sweep(group, table, settings, plot_dir)
+def make_plots(runs: list[Run], table: Table, layout: Layout, plot_dir: str) -> list[str]:
+    """Draw every plot into `plot_dir`; the file names written, in the order the report shows them."""
+    written = plot_losses(runs, {row.experiment: row for row in table.rows}, layout, plot_dir)
+    for group in table.groups:
+        written.append(plot_primary(group, table.rows, plot_dir))
+        sweep = plot_sweep(group, table.rows, table.settings, plot_dir)
         if sweep:
             written.append(sweep)
     return written
