@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from .collect import Run
 from .formatting import finite, format_value
@@ -46,7 +46,7 @@ LOSS_COLUMNS = (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Row:
     """One line of the table: its displayed cells are named fields (or, for the columns a run set
     decides, the `metrics`, `deltas` and `varied` dicts); `row[key]` reads a cell by column key.
@@ -72,12 +72,13 @@ class Row:
     best: bool = False
     rank: int | None = None
     # private
-    baseline: bool = False
-    settings: dict = field(default_factory=dict)  # every setting of the run (settings.experiment_settings)
-    group: tuple[str, str] = ("", "")  # (eval dataset, primary metric)
-    base_key: tuple[str, str] = ("", "")  # (model, eval data_id): the baseline it is compared with
+    baseline: bool
+    settings: dict  # every setting of the run (settings.experiment_settings)
+    group: tuple[str, str]  # (eval dataset, primary metric)
+    base_key: tuple[str, str]  # (model, eval data_id): the baseline it is compared with
 
-    FIXED = ("experiment", "status", "stages", "note", "log", "rank") + tuple(c.key for c in COST_COLUMNS + LOSS_COLUMNS)
+    # the cells that are fields of their own (best is shown as `*` or blank)
+    FIXED: ClassVar[tuple[str, ...]] = ("experiment", "status", "stages", "note", "log", "rank") + tuple(c.key for c in COST_COLUMNS + LOSS_COLUMNS)
 
     def get(self, key: str, default=None):
         """The cell of column `key`, or `default` when this row has none."""
@@ -252,11 +253,12 @@ def build_table(runs: list[Run]) -> Table:
 
     taken = {"best", "rank", "experiment", "stages", "status", "note", "log"} | {c.key for c in COST_COLUMNS + LOSS_COLUMNS} | set(metric_names)
     labels = short_names(varied, taken)
+    setting_columns = [Setting(key, labels[key]) for key in varied]
     primaries = list(dict.fromkeys(group.primary for group in groups))
-    columns = table_columns(primaries, metric_names, [Setting(key, labels[key]) for key in varied])
+    columns = table_columns(primaries, metric_names, setting_columns)
     if not any(row.log for row in rows):
         columns = [c for c in columns if c.key != "log"]
-    return Table(columns=columns, rows=ordered, groups=groups, settings=[Setting(key, labels[key]) for key in varied], shared=shared)
+    return Table(columns=columns, rows=ordered, groups=groups, settings=setting_columns, shared=shared)
 
 
 def table_columns(primaries: list[str], metric_names: list[str], varied: list[Setting]) -> list[Column]:
