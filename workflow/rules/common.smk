@@ -1,15 +1,15 @@
 # Config validation, wildcard constraints and input functions. All resolution
-# happens once, in ftflow.config.build_plan; this file only reads the Plan.
+# happens once, in ftflow.config.build_plan (which also checks the schema);
+# this file only reads the Plan, and every path comes from ftflow.paths.Layout.
 import os
 import re
 import sys
 
-from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 sys.path.insert(0, f"{workflow.basedir}/workflow")
 
-from ftflow.config import write_if_changed  # noqa: E402
+from ftflow.paths import Layout  # noqa: E402
 from ftflow.workflow import (  # noqa: E402
     default_gpus,
     effective_config,
@@ -18,7 +18,6 @@ from ftflow.workflow import (  # noqa: E402
     use_this_python_for_jobs,
 )
 
-SCHEMA = f"{workflow.basedir}/workflow/schemas/config.schema.yaml"
 RESULTS = "results"
 LOGS = "logs"
 
@@ -31,6 +30,7 @@ PLAN = plan_or_exit(
     RESULTS,
     configfiles=workflow.overwrite_configfiles or workflow.configfiles,
 )
+LAYOUT = Layout(RESULTS, LOGS)
 DEFAULT_GPUS = default_gpus()
 # The Apptainer image of all jobs under --use-apptainer, for the Snakefile's container directive.
 CONTAINER = execution_environment_or_exit(
@@ -38,7 +38,6 @@ CONTAINER = execution_environment_or_exit(
     os.getcwd(),
     DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method,
 )
-validate(RAW_CONFIG, SCHEMA, set_default=False)
 PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments
 # Train and eval use every core on a CPU; smoke jobs are mostly start-up, so they run side by side.
@@ -58,8 +57,8 @@ wildcard_constraints:
     data_id=one_of(PLAN.data),
 
 
-def model_dir(model):
-    return f"{RESULTS}/models/{PLAN.model_dir_name(model)}"
+def get_model_dir(model):
+    return LAYOUT.model_dir(PLAN.model_dir_name(model))
 
 
 def get_stage(wildcards):
@@ -73,9 +72,9 @@ def get_stage_base(wildcards):
     while stage.index > 0:
         previous = exp.previous(stage)
         if stage.init_from == "merged":
-            return f"{RESULTS}/{exp.name}/{previous.name}/merged"
+            return LAYOUT.merged_dir(exp.name, previous.name)
         stage = previous
-    return model_dir(exp.model)
+    return get_model_dir(exp.model)
 
 
 def get_stage_adapter(wildcards):
@@ -83,34 +82,36 @@ def get_stage_adapter(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     stage = exp.stage(wildcards.stage)
     if stage.index > 0 and stage.init_from == "adapter":
-        return f"{RESULTS}/{exp.name}/{exp.previous(stage).name}/train_metrics.json"
+        return LAYOUT.train_metrics(exp.name, exp.previous(stage).name)
     return []
 
 
-def adapter_flag(wildcards, input):
+def get_adapter_flag(wildcards, input):
+    """`--adapter <previous stage>/adapter` for a stage that continues an adapter, else nothing."""
     if input.get("adapter"):
-        stage_dir = input.adapter.rsplit("/", 1)[0]
-        return f"--adapter {stage_dir}/adapter"
+        exp = EXPERIMENTS[wildcards.experiment]
+        previous = exp.previous(exp.stage(wildcards.stage))
+        return f"--adapter {LAYOUT.adapter_dir(exp.name, previous.name)}"
     return ""
 
 
 def get_stage_data(wildcards):
-    return f"{RESULTS}/data/{get_stage(wildcards).data_id}"
+    return LAYOUT.data_dir(get_stage(wildcards).data_id)
 
 
 def get_data_model(wildcards):
-    return model_dir(PLAN.data[wildcards.data_id].model)
+    return get_model_dir(PLAN.data[wildcards.data_id].model)
 
 
 def get_eval_model(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     if exp.baseline:
-        return model_dir(exp.model)
-    return f"{RESULTS}/{exp.name}/{exp.stages[-1].name}/merged"
+        return get_model_dir(exp.model)
+    return LAYOUT.merged_dir(exp.name, exp.stages[-1].name)
 
 
 def get_eval_data(wildcards):
-    return f"{RESULTS}/data/{EXPERIMENTS[wildcards.experiment].eval.data_id}"
+    return LAYOUT.data_dir(EXPERIMENTS[wildcards.experiment].eval.data_id)
 
 
 def get_stage_gpus(wildcards):
@@ -130,35 +131,10 @@ def get_eval_gpus(wildcards):
 def get_report_inputs(wildcards=None):
     paths = []
     for exp in EXPERIMENTS.values():
-        paths.append(f"{RESULTS}/{exp.name}/eval/metrics.json")
-        paths.extend(
-            f"{RESULTS}/{exp.name}/{s.name}/train_metrics.json" for s in exp.stages
-        )
+        paths.append(LAYOUT.eval_metrics(exp.name))
+        paths.extend(LAYOUT.train_metrics(exp.name, s.name) for s in exp.stages)
     return paths
 
 
 def get_final_outputs():
-    return [f"{RESULTS}/report/summary.csv"]
-
-
-def experiments_file():
-    path = f"{RESULTS}/report/experiments.json"
-    write_if_changed(path, sorted(EXPERIMENTS))
-    return path
-
-
-def report_title():
-    return (RAW_CONFIG.get("report") or {}).get("title", "ftflow report")
-
-
-onerror:
-    # Failed jobs never reach the report rule; write the table anyway, to
-    # results/report/partial/, so the failed experiments show as `failed` (with
-    # the error's first line and the log path) beside the ones that finished.
-    partial_experiments = experiments_file()
-    partial_title = report_title() + " (partial: some jobs failed)"
-    shell(
-        "mkdir -p {LOGS} && ftflow report --results {RESULTS} --logs {LOGS}"
-        " --out {RESULTS}/report/partial --experiments-file {partial_experiments:q}"
-        " --title {partial_title:q} > {LOGS}/report-partial.log 2>&1 || true"
-    )
+    return [LAYOUT.report_table()]

@@ -1,16 +1,16 @@
 rule evaluate:
     """Loss, perplexity, generations and task metrics of the experiment's final model."""
     input:
-        config=f"{RESULTS}/{{experiment}}/config.json",
+        config=LAYOUT.experiment_config("{experiment}"),
         model=get_eval_model,
         data=get_eval_data,
     output:
-        predictions=f"{RESULTS}/{{experiment}}/eval/predictions.jsonl",
-        metrics=f"{RESULTS}/{{experiment}}/eval/metrics.json",
+        predictions=LAYOUT.predictions("{experiment}"),
+        metrics=LAYOUT.eval_metrics("{experiment}"),
     log:
-        f"{LOGS}/{{experiment}}/eval.log",
+        LAYOUT.eval_log("{experiment}"),
     benchmark:
-        f"benchmarks/{{experiment}}/eval.tsv"
+        LAYOUT.eval_benchmark("{experiment}")
     conda:
         "../../envs/ftflow.yaml"
     threads: HEAVY_THREADS
@@ -19,7 +19,7 @@ rule evaluate:
         mem_mb=16000,
         runtime=240,
     params:
-        out=lambda w: f"{RESULTS}/{w.experiment}/eval",
+        out=lambda w: LAYOUT.eval_dir(w.experiment),
     shell:
         "ftflow evaluate --config {input.config} --model {input.model} --data {input.data}"
         " --out {params.out} --threads {threads} --gpus {resources.gpu} > {log} 2>&1"

@@ -1,12 +1,12 @@
 rule merge:
     """The stage's model merged into one folder (a status placeholder if the stage did not finish ok)."""
     input:
-        metrics=f"{RESULTS}/{{experiment}}/{{stage}}/train_metrics.json",
+        metrics=LAYOUT.train_metrics("{experiment}", "{stage}"),
         base=get_stage_base,
     output:
-        directory(f"{RESULTS}/{{experiment}}/{{stage}}/merged"),
+        directory(LAYOUT.merged_dir("{experiment}", "{stage}")),
     log:
-        f"{LOGS}/{{experiment}}/{{stage}}/merge.log",
+        LAYOUT.stage_log("{experiment}", "{stage}", "merge"),
     conda:
         "../../envs/ftflow.yaml"
     threads: 1 if PLAN.smoke else 2

@@ -1,11 +1,11 @@
 rule prepare_model:
     """Base model as an HF safetensors folder (GGUF de-quantized, hub downloaded, or smoke stand-in)."""
     input:
-        spec=f"{RESULTS}/models/{{model}}.json",
+        spec=LAYOUT.model_spec("{model}"),
     output:
-        directory(f"{RESULTS}/models/{{model}}"),
+        directory(LAYOUT.model_dir("{model}")),
     log:
-        f"{LOGS}/models/{{model}}.log",
+        LAYOUT.model_log("{model}"),
     conda:
         "../../envs/ftflow.yaml"
     threads: 1 if PLAN.smoke else 2

@@ -2,27 +2,28 @@ rule report:
     """One row per experiment: varied settings, cost, losses, task metrics, status."""
     input:
         get_report_inputs(),
-        experiments=experiments_file(),
+        # written by the planner, rewritten only when the list of experiments changes
+        experiments=LAYOUT.experiments_file(),
     output:
         csv=report(
-            f"{RESULTS}/report/summary.csv",
+            LAYOUT.report_table(),
             caption="../report/summary.rst",
             category="Report",
         ),
         html=report(
-            f"{RESULTS}/report/report.html",
+            LAYOUT.report_html(),
             caption="../report/report_html.rst",
             category="Report",
         ),
-        md=f"{RESULTS}/report/report.md",
+        md=LAYOUT.report_markdown(),
         plots=report(
-            directory(f"{RESULTS}/report/plots"),
+            directory(LAYOUT.report_plots()),
             patterns=["{name}.png"],
             caption="../report/plots.rst",
             category="Plots",
         ),
     log:
-        f"{LOGS}/report.log",
+        LAYOUT.report_log(),
     conda:
         "../../envs/ftflow.yaml"
     threads: 1
@@ -30,9 +31,24 @@ rule report:
         mem_mb=4000,
         runtime=30,
     params:
-        out=lambda w, output: output.csv.rsplit("/", 1)[0],
+        out=LAYOUT.report_dir(),
         logs=LOGS,
-        title=report_title(),
+        title=PLAN.report["title"],
     shell:
         "ftflow report --out {params.out} --logs {params.logs}"
         " --experiments-file {input.experiments} --title {params.title:q} > {log} 2>&1"
+
+
+onerror:
+    # Failed jobs never reach the report rule; write the table anyway, to
+    # results/report/partial/, so the failed experiments show as `failed` (with
+    # the error's first line and the log path) beside the ones that finished.
+    partial_out = LAYOUT.partial_report_dir()
+    partial_experiments = LAYOUT.experiments_file()
+    partial_log = LAYOUT.partial_report_log()
+    partial_title = PLAN.report["title"] + " (partial: some jobs failed)"
+    shell(
+        "mkdir -p {LOGS} && ftflow report --results {RESULTS} --logs {LOGS}"
+        " --out {partial_out:q} --experiments-file {partial_experiments:q}"
+        " --title {partial_title:q} > {partial_log:q} 2>&1 || true"
+    )

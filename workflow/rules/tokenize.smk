@@ -1,12 +1,12 @@
 rule tokenize:
     """Tokenized dataset + stats.json, shared by every experiment with the same data_id."""
     input:
-        spec=f"{RESULTS}/data/{{data_id}}.json",
+        spec=LAYOUT.data_spec("{data_id}"),
         model=get_data_model,
     output:
-        directory(f"{RESULTS}/data/{{data_id}}"),
+        directory(LAYOUT.data_dir("{data_id}")),
     log:
-        f"{LOGS}/data/{{data_id}}.log",
+        LAYOUT.data_log("{data_id}"),
     conda:
         "../../envs/ftflow.yaml"
     # Up to one datasets.map worker per 5,000 chat rows (data.ROWS_PER_PROCESS);

@@ -1,16 +1,16 @@
 rule train:
     """One training stage; train_metrics.json is written last and marks completion."""
     input:
-        config=f"{RESULTS}/{{experiment}}/config.json",
+        config=LAYOUT.experiment_config("{experiment}"),
         base=get_stage_base,
         data=get_stage_data,
         adapter=get_stage_adapter,
     output:
-        metrics=f"{RESULTS}/{{experiment}}/{{stage}}/train_metrics.json",
+        metrics=LAYOUT.train_metrics("{experiment}", "{stage}"),
     log:
-        f"{LOGS}/{{experiment}}/{{stage}}/train.log",
+        LAYOUT.stage_log("{experiment}", "{stage}", "train"),
     benchmark:
-        f"benchmarks/{{experiment}}/{{stage}}/train.tsv"
+        LAYOUT.stage_benchmark("{experiment}", "{stage}", "train")
     conda:
         "../../envs/ftflow.yaml"
     threads: HEAVY_THREADS
@@ -19,8 +19,8 @@ rule train:
         mem_mb=16000,
         runtime=720,
     params:
-        adapter=adapter_flag,
-        out=lambda w: f"{RESULTS}/{w.experiment}/{w.stage}",
+        adapter=get_adapter_flag,
+        out=lambda w: LAYOUT.stage_dir(w.experiment, w.stage),
     shell:
         "ftflow train --config {input.config} --stage {wildcards.stage} --base {input.base}"
         " --data {input.data} --out {params.out} {params.adapter} --threads {threads}"

@@ -10,7 +10,9 @@ import functools
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("exact_match", "json_field_accuracy", "rouge", "chrf", "bleu")
+# The metrics shipped: one folder per metric, holding <name>/<name>.py. The names a config may
+# use, and the numbers each writes, are the schema's `$defs.metric` (read by the planner).
+NAMES = tuple(sorted(entry for entry in os.listdir(HERE) if os.path.isfile(os.path.join(HERE, entry, f"{entry}.py"))))
 
 
 @functools.lru_cache(maxsize=None)

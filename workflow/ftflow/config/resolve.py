@@ -1,0 +1,273 @@
+"""The planner: a raw config in, a `Plan` out (everything the Snakefile needs, computed once).
+
+`build_plan` validates the raw config against the schema, expands sweeps,
+resolves every stage (defaults <- experiment <- stage) into the typed specs of
+ftflow.specs, hands out one data_id per distinct tokenization, and adds the
+untuned baselines. Nothing here imports torch or transformers, so planning a
+500-experiment DAG stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..atomic import write_if_changed
+from ..errors import ConfigError
+from ..hashing import content_hash
+from ..paths import Layout
+from ..specs import FORMAT_VERSION, DatasetSpec, DataSpec, EvalSpec, ExperimentSpec, ModelSpec, StageSpec
+from .checks import check_choice, check_keys, check_name
+from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
+from .loading import deep_merge, normalize_raw
+from .schema import DEFAULT_KEYS, EVAL_DEFAULTS, EXPERIMENT_KEYS, METRIC_OUTPUTS, METRICS, MODEL_DEFAULTS, REPORT_DEFAULTS, SMOKE_DEFAULTS, STAGE_KEYS, check_against_schema, primary_metric_choices
+from .sections import check_positive_ints, check_section
+from .stages import check_adalora_schedule, check_adapter_continuation, merge_layers, raw_stages, resolve_stage
+from .sweeps import expand_sweeps
+
+
+@dataclass
+class Plan:
+    """The resolved config: every model, dataset, experiment and tokenization job of a run."""
+
+    models: dict[str, ModelSpec]
+    datasets: dict[str, DatasetSpec]
+    experiments: dict[str, ExperimentSpec]
+    data: dict[str, DataSpec]
+    smoke: bool
+    layout: Layout
+    report: dict = field(default_factory=dict)  # the report section, schema defaults filled in
+
+    def model_dir_name(self, model: str) -> str:
+        return Layout.model_name(model, self.smoke)
+
+    def write_specs(self) -> list[str]:
+        """Write config.json per experiment and spec files per model and data job.
+
+        A file is rewritten only when its content changes, so its mtime tells
+        Snakemake exactly which jobs are out of date (the report's list of
+        experiments too). Returns the paths written.
+        """
+        specs: list[tuple[str, Any]] = [(self.layout.experiment_config(exp.name), exp.to_json()) for exp in self.experiments.values()]
+        for name, model in self.models.items():
+            spec = {"model": asdict(model), "smoke": self.smoke, "format_version": FORMAT_VERSION}
+            specs.append((self.layout.model_spec(self.model_dir_name(name)), spec))
+        for data_id, data in self.data.items():
+            # Only what changes the tokens: editing a dataset's metrics rewrites no spec, re-runs no tokenize job.
+            spec = {**data.settings, "data_id": data_id, "dataset": data.dataset.name, "model": data.model}
+            spec["model_dir"] = self.layout.model_dir(self.model_dir_name(data.model))
+            specs.append((self.layout.data_spec(data_id), spec))
+        # The experiments the report covers: a new or removed experiment re-runs the report.
+        specs.append((self.layout.experiments_file(), sorted(self.experiments)))
+        return [path for path, spec in specs if write_if_changed(path, spec)]
+
+    def summary(self) -> list[dict]:
+        """One row per experiment for `ftflow resolve`."""
+        return [
+            {
+                "experiment": exp.name,
+                "model": exp.model,
+                "baseline": exp.baseline,
+                "sweep": exp.sweep,
+                "stages": [{"name": s.name, "method": s.method, "dataset": s.dataset, "data_id": s.data_id} for s in exp.stages],
+                "eval_data_id": exp.eval.data_id,
+                "config_hash": exp.config_hash,
+            }
+            for exp in self.experiments.values()
+        ]
+
+
+class DataJobs:
+    """The plan's tokenization jobs, one per distinct set of token-changing settings.
+
+    Stages and evaluations ask for the data_id of (dataset, model, max_length);
+    asking twice for the same tokens gives the same id, so experiments share
+    tokenized data.
+    """
+
+    def __init__(self, models: dict[str, ModelSpec], workdir: str, smoke: dict | None, hashes: FileHashCache):
+        self.models = models
+        self.workdir = workdir
+        self.hashes = hashes
+        self.jobs: dict[str, DataSpec] = {}
+        self._fingerprints: dict[str, str] = {}
+        self.smoke = smoke is not None
+        self.row_caps = {"train": smoke["train_rows"], "validation": smoke["eval_rows"], "test": smoke["eval_rows"]} if smoke else None
+
+    def fingerprint(self, dataset: DatasetSpec) -> str:
+        """The source's content hash, computed once per dataset (it may hash large files)."""
+        if dataset.name not in self._fingerprints:
+            self._fingerprints[dataset.name] = source_fingerprint(dataset, self.workdir, self.hashes)
+        return self._fingerprints[dataset.name]
+
+    def data_id(self, dataset: DatasetSpec, model: str, max_length: int) -> str:
+        model_spec = self.models[model]
+        tokenizer_source = "smoke-tokenizer" if self.smoke else model_spec.source_text()
+        settings = {
+            **tokenization_settings(dataset, self.workdir),
+            "fingerprint": self.fingerprint(dataset),
+            "max_length": max_length,
+            "row_caps": self.row_caps,
+            "tokenizer": tokenizer_source,
+            # only chat rows are rendered with the model's chat template
+            "model_chat_template": template_text(model_spec.chat_template, self.workdir, f"models.{model}.chat_template") if dataset.kind == "chat" else None,
+        }
+        # The name prefix keeps results/data/ readable; the hash covers exactly the settings.
+        data_id = f"{dataset.name}-{content_hash(settings, 12)}"
+        if data_id not in self.jobs:
+            self.jobs[data_id] = DataSpec(
+                data_id=data_id,
+                dataset=dataset,
+                model=model,
+                tokenizer_source=tokenizer_source,
+                max_length=max_length,
+                row_caps=self.row_caps,
+                fingerprint=settings["fingerprint"],
+                settings=settings,
+            )
+        return data_id
+
+
+def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_schema: bool = True) -> Plan:
+    """Validate and resolve a raw config into a Plan. Raises ConfigError on the first problem.
+
+    `check_schema=False` skips the JSON Schema (tests of the checks behind it).
+    """
+    raw = normalize_raw(raw)
+    if check_schema:
+        check_against_schema(raw)
+    smoke_on = bool(raw.get("smoke", False))
+    smoke = deep_merge(SMOKE_DEFAULTS, raw.get("smoke_options") or {}) if smoke_on else None
+    models = {name: resolve_model(name, spec or {}) for name, spec in (raw.get("models") or {}).items()}
+    datasets = {name: resolve_dataset(name, spec or {}) for name, spec in (raw.get("datasets") or {}).items()}
+    defaults = raw.get("defaults") or {}
+    check_keys("defaults", defaults, DEFAULT_KEYS)
+    layout = Layout(results)
+    hashes = FileHashCache(layout.file_hashes())
+    data = DataJobs(models, workdir, smoke, hashes)
+    experiments: dict[str, ExperimentSpec] = {}
+    for name, exp in expand_sweeps(raw).items():
+        experiments[name] = resolve_experiment(name, exp, defaults, models, datasets, data, smoke)
+    if not experiments:
+        raise ConfigError("experiments", "no experiments defined")
+    report = deep_merge(REPORT_DEFAULTS, raw.get("report") or {})
+    if report["baseline"]:
+        add_baselines(experiments)
+    hashes.save()
+    return Plan(models=models, datasets=datasets, experiments=experiments, data=data.jobs, smoke=smoke_on, layout=layout, report=report)
+
+
+def resolve_model(name: str, raw: Any) -> ModelSpec:
+    path = f"models.{name}"
+    check_name(path, name, "model")
+    check_keys(path, raw, ModelSpec.__dataclass_fields__.keys() - {"name"})
+    sources = [k for k in ("hub", "path", "package") if raw.get(k)]
+    if len(sources) != 1:
+        raise ConfigError(path, "set exactly one of 'hub', 'path' or 'package'", f"found {sources or 'none'}")
+    if raw.get("package") and not raw.get("file"):
+        raise ConfigError(f"{path}.file", "a model from a package needs the GGUF file name")
+    return ModelSpec(name=name, **{**MODEL_DEFAULTS, **raw})
+
+
+def resolve_experiment(name: str, exp: dict, defaults: dict, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec], data: DataJobs, smoke: dict | None) -> ExperimentSpec:
+    sweep = exp.pop("_sweep", None)
+    path = f"sweeps.{sweep['name']} (experiment {name})" if sweep else f"experiments.{name}"
+    check_keys(path, exp, EXPERIMENT_KEYS)
+    model = exp.get("model", defaults.get("model"))
+    if model is None:
+        raise ConfigError(f"{path}.model", "no model set", "set 'model' here or in defaults")
+    if model not in models:
+        raise ConfigError(f"{path}.model", f"unknown model {model!r}", f"defined: {', '.join(models) or 'none'}")
+    baseline = bool(exp.get("baseline", False))
+    if baseline and "stages" in exp:
+        raise ConfigError(f"{path}.stages", "a baseline experiment evaluates the untuned model and has no stages")
+    stages: list[StageSpec] = []
+    if not baseline:
+        shared = {k: v for k, v in exp.items() if k in STAGE_KEYS}
+        stage_defaults = {k: v for k, v in defaults.items() if k in STAGE_KEYS}
+        for index, (stage_path, stage_raw) in enumerate(raw_stages(f"experiments.{name}", exp)):
+            check_keys(stage_path, stage_raw, STAGE_KEYS)
+            default_name = f"stage{index + 1}" if "stages" in exp else "train"
+            stage = resolve_stage(stage_path, index, merge_layers(stage_defaults, shared, stage_raw), default_name, datasets, smoke)
+            stage = replace(stage, data_id=data.data_id(datasets[stage.dataset], model, stage.max_length))
+            if any(s.name == stage.name for s in stages):
+                raise ConfigError(f"{stage_path}.name", f"duplicate stage name {stage.name!r}")
+            if stage.init_from == "adapter":
+                check_adapter_continuation(stage_path, stage, stages[-1])
+            if stage.method == "adalora":
+                check_adalora_schedule(stage_path, stage, datasets[stage.dataset], data.workdir)
+            stages.append(stage)
+    fallback = stages[-1].dataset if stages else defaults.get("dataset")
+    eval_raw = deep_merge(defaults.get("eval") or {}, exp.get("eval") or {})
+    return ExperimentSpec(
+        name=name,
+        model=model,
+        stages=tuple(stages),
+        eval=resolve_eval(f"{path}.eval", eval_raw, fallback, model, datasets, data, smoke),
+        baseline=baseline,
+        description=str(exp.get("description", "")),
+        sweep=sweep["name"] if sweep else None,
+        sweep_params=sweep["params"] if sweep else {},
+        smoke=smoke is not None,
+    )
+
+
+def resolve_eval(path: str, eval_raw: dict, fallback_dataset: str | None, model: str, datasets: dict[str, DatasetSpec], data: DataJobs, smoke: dict | None) -> EvalSpec:
+    """The evaluation of an experiment's final model; `fallback_dataset` is used when eval names none."""
+    values = deep_merge(EVAL_DEFAULTS, check_section(path, "eval", eval_raw))
+    dataset_name = values["dataset"] or fallback_dataset
+    if dataset_name is None:
+        raise ConfigError(f"{path}.dataset", "no dataset to evaluate on", "set eval.dataset")
+    if dataset_name not in datasets:
+        raise ConfigError(f"{path}.dataset", f"unknown dataset {dataset_name!r}")
+    dataset = datasets[dataset_name]
+    metrics = tuple(values["metrics"] if values["metrics"] is not None else dataset.metrics)
+    for metric in metrics:  # a sweep may set eval.metrics, which the schema never sees
+        check_choice(f"{path}.metrics", metric, METRICS, "metric")
+    if metrics and dataset.kind == "text":
+        raise ConfigError(
+            f"{path}.metrics",
+            f"dataset {dataset_name!r} is raw text: it has no prompts to generate answers from",
+            "score it by eval_loss/perplexity (metrics: []), or evaluate on a chat or instruction dataset",
+        )
+    primary = values["primary_metric"] or dataset.primary_metric or (METRIC_OUTPUTS[metrics[0]][0] if metrics else "eval_loss")
+    if primary not in primary_metric_choices(metrics):
+        raise ConfigError(
+            f"{path}.primary_metric",
+            f"{primary!r} is not a number the evaluation reports",
+            f"one of {', '.join(primary_metric_choices(metrics))}",
+        )
+    check_positive_ints(path, values, ("max_new_tokens", "batch_size"))
+    # Every experiment is scored on the same tokens: the dataset's own max_length,
+    # whatever a stage trained with, so rows of a sweep over max_length stay comparable.
+    max_length = min(dataset.max_length, smoke["max_length"]) if smoke else dataset.max_length
+    return EvalSpec(
+        dataset=dataset_name,
+        data_id=data.data_id(dataset, model, max_length),
+        split=values["split"],
+        loss_split=values["loss_split"],
+        max_new_tokens=min(values["max_new_tokens"], smoke["max_new_tokens"]) if smoke else values["max_new_tokens"],
+        batch_size=values["batch_size"],
+        do_sample=bool(values["do_sample"]),
+        temperature=float(values["temperature"]),
+        top_p=float(values["top_p"]),
+        max_examples=values["max_examples"],
+        metrics=metrics,
+        primary_metric=primary,
+    )
+
+
+def add_baselines(experiments: dict[str, ExperimentSpec]) -> None:
+    """Add one untuned-model experiment per (model, eval data) that no configured baseline covers."""
+    have = {(e.model, e.eval.data_id) for e in experiments.values() if e.baseline}
+    wanted: dict[tuple[str, str], ExperimentSpec] = {}
+    for exp in experiments.values():
+        key = (exp.model, exp.eval.data_id)
+        if not exp.baseline and key not in have and key not in wanted:
+            wanted[key] = exp
+    for (model, _), exp in wanted.items():
+        name = "baseline" if len(wanted) == 1 else f"baseline-{model}-{exp.eval.dataset}"
+        if name in experiments:
+            raise ConfigError(f"experiments.{name}", "this name is reserved for the automatic baseline", "rename the experiment or set report.baseline: false")
+        experiments[name] = ExperimentSpec(name=name, model=model, stages=(), eval=exp.eval, baseline=True, description="untuned base model", smoke=exp.smoke)
