@@ -72,7 +72,7 @@ def features(examples):
 
 @pytest.mark.parametrize("attention", [PACKED_ATTENTION, "sdpa", "eager"])
 def test_padded_batch_logits_equal_separate_runs(attention):
-    from ftflow.models import padding_collator
+    from ftflow.packing import padding_collator
 
     model = tiny_llama(attention, use_cache=False)
     model.train()
@@ -92,11 +92,11 @@ def test_padded_batch_logits_equal_separate_runs(attention):
 def trainer_for(stage_training: dict, packing: bool, tmp_path, dataset=None):
     from datasets import Dataset
 
-    from ftflow.models import padding_collator
-    from ftflow.train import FtflowTrainer, build_training_arguments
+    from ftflow.packing import padding_collator
+    from ftflow.trainer import FtflowTrainer, build_training_arguments
 
-    stage = {"training": {"per_device_train_batch_size": 8, "seed": 42, "max_steps": 1, **stage_training}, "packing": packing}
-    args = build_training_arguments(stage, str(tmp_path / "out"), has_eval=False, run_name="t/s", device="cpu")
+    training = {"per_device_train_batch_size": 8, "seed": 42, "max_steps": 1, **stage_training}
+    args = build_training_arguments(training, packing, str(tmp_path / "out"), has_eval=False, run_name="t/s", device="cpu")
     tokenizer = word_tokenizer()
     data = dataset if dataset is not None else Dataset.from_list(features(EXAMPLES))
     return FtflowTrainer(

@@ -113,7 +113,7 @@ def test_killed_run_resumes_and_continues_its_curve(ws, method, kill_at):
 
 
 def test_divergence_guard_keeps_its_starting_loss_across_a_resume():
-    from ftflow.train import DivergenceGuard
+    from ftflow.trainer import DivergenceGuard
 
     guard = DivergenceGuard(trainer=None, factor=3.0, warmup_steps=2)
     restored = SimpleNamespace(global_step=3, log_history=[{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 2.5}])

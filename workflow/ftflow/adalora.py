@@ -12,7 +12,7 @@ The schedule over `total_step` optimizer steps (0-based step s):
     s == total - tfinal             final mask; from then on the rank pattern is fixed
 
 So a schedule with `tinit >= total_step - tfinal` never prunes anything;
-config.py rejects it before any job runs when the step count is known then,
+the planner rejects it before any job runs when the step count is known then,
 and `check_schedule` rejects it here with the exact count.
 
 Checkpoints. PEFT saves an AdaLoRA adapter with its ranks cut to the current
@@ -25,27 +25,26 @@ pattern, the importance averages and the budget record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Iterator
 
 import torch
 from transformers import TrainerCallback
 
-from .schedule import adalora_schedule_problem, optimizer_steps
 from .errors import StageError
+from .schedule import adalora_schedule_problem, optimizer_steps
+from .specs import StageSpec
 
 STATE_FILE = "ftflow_adalora.json"
 IMPORTANCE_FILE = "ftflow_adalora_importance.safetensors"
 
 
-def tuner(model):
-    """The AdaLoraModel inside a PeftModel."""
-    return model.base_model
-
-
 def adapter_config(model):
-    tune = tuner(model)
-    return tune.peft_config[tune.trainable_adapter_name]
+    """The AdaLoraConfig of a PeftModel's trainable adapter (`model.base_model` is the AdaLoraModel)."""
+    tuner = model.base_model
+    return tuner.peft_config[tuner.trainable_adapter_name]
 
 
 def total_steps_for(num_examples: int, args) -> int:
@@ -61,10 +60,10 @@ def total_steps_for(num_examples: int, args) -> int:
     )
 
 
-def check_schedule(experiment: str, stage: dict, num_examples: int, args) -> int:
+def check_schedule(experiment: str, stage: StageSpec, num_examples: int, args) -> int:
     """The exact total_step of this run; StageError when the schedule has no budgeting phase."""
     total = total_steps_for(num_examples, args)
-    problem = adalora_schedule_problem(stage["adalora"], total)
+    problem = adalora_schedule_problem(stage.adalora, total)
     if problem:
         how = (
             f"max_steps {args.max_steps}"
@@ -72,7 +71,7 @@ def check_schedule(experiment: str, stage: dict, num_examples: int, args) -> int
             else f"{num_examples} training examples / batch {args.per_device_train_batch_size}"
             f" / accumulation {args.gradient_accumulation_steps} x {args.num_train_epochs:g} epochs"
         )
-        raise StageError(experiment, stage["name"], f"adalora: {problem}; total_step {total} comes from {how}")
+        raise StageError(experiment, stage.name, f"adalora: {problem}; total_step {total} comes from {how}")
     return total
 
 
@@ -81,7 +80,7 @@ def ranks(model) -> dict[str, int]:
     config = adapter_config(model)
     if config.rank_pattern:
         return {_module_name(key): int(sum(bool(x) for x in _as_list(keep))) for key, keep in config.rank_pattern.items()}
-    name = tuner(model).trainable_adapter_name
+    name = model.base_model.trainable_adapter_name
     return {module_name: int(module.lora_E[name].shape[0]) for module_name, module in model.named_modules() if _is_adalora_layer(module, name)}
 
 
@@ -106,7 +105,7 @@ def orthogonality_penalty(model) -> torch.Tensor:
     FtflowTrainer computes the loss itself (logits on labelled positions
     only), so it adds this term instead.
     """
-    name = tuner(model).trainable_adapter_name
+    name = model.base_model.trainable_adapter_name
     terms = []
     for param_name, param in model.named_parameters():
         if f"lora_A.{name}" in param_name:
@@ -118,13 +117,6 @@ def orthogonality_penalty(model) -> torch.Tensor:
         identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         terms.append(torch.linalg.matrix_norm(gram - identity))
     return torch.stack(terms).mean()
-
-
-def set_total_step(model, total: int) -> None:
-    """Lay the schedule over `total` optimizer steps (the allocator shares the adapter's config)."""
-    config = adapter_config(model)
-    config.total_step = total
-    tuner(model).rankallocator.peft_config.total_step = total
 
 
 def refresh_for_new_stage(model, stage_settings: dict, total: int) -> None:
@@ -140,25 +132,20 @@ def refresh_for_new_stage(model, stage_settings: dict, total: int) -> None:
     for key in ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight"):
         setattr(config, key, stage_settings[key])
     config.total_step = total
-    tune = tuner(model)
-    tune.rankallocator = RankAllocator(tune.model, config, tune.trainable_adapter_name)
+    tuner = model.base_model
+    tuner.rankallocator = RankAllocator(tuner.model, config, tuner.trainable_adapter_name)
 
 
-def unpruned_save(model):
-    """Context manager: save at full size (rank_pattern set aside), as checkpoints need."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def manager():
-        config = adapter_config(model)
-        pattern = config.rank_pattern
-        config.rank_pattern = None
-        try:
-            yield
-        finally:
-            config.rank_pattern = pattern
-
-    return manager()
+@contextlib.contextmanager
+def unpruned_save(model) -> Iterator[None]:
+    """Saves inside it are at full size (rank_pattern set aside), as mid-training checkpoints need."""
+    config = adapter_config(model)
+    pattern = config.rank_pattern
+    config.rank_pattern = None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
 
 
 class AdaLoraBudgetCallback(TrainerCallback):
@@ -177,12 +164,12 @@ class AdaLoraBudgetCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step
-        tune = tuner(self.model)
-        tune.update_and_allocate(step)
+        tuner = self.model.base_model
+        tuner.update_and_allocate(step)
         config = adapter_config(self.model)
         final_step = config.total_step - config.tfinal
         if step % max(1, config.deltaT) == 0 or step >= final_step - 1:
-            budget, _ = tune.rankallocator.budget_schedule(step)
+            budget, _ = tuner.rankallocator.budget_schedule(step)
             self.budget.append({"step": step + 1, "budget": int(budget), "ranks_kept": sum(ranks(self.model).values())})
 
     # ------------------------------------------------------------------ checkpoints
@@ -191,7 +178,7 @@ class AdaLoraBudgetCallback(TrainerCallback):
         """Write the schedule's state into a checkpoint folder (before its completion marker)."""
         from safetensors.torch import save_file
 
-        allocator = tuner(self.model).rankallocator
+        allocator = self.model.base_model.rankallocator
         pattern = adapter_config(self.model).rank_pattern
         tensors = {}
         for key, table in (("ipt", allocator.ipt), ("avg", allocator.exp_avg_ipt), ("unc", allocator.exp_avg_unc)):
@@ -208,7 +195,7 @@ class AdaLoraBudgetCallback(TrainerCallback):
 
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as handle:
             state = json.load(handle)
-        allocator = tuner(self.model).rankallocator
+        allocator = self.model.base_model.rankallocator
         allocator.reset_ipt()
         device = next(p.device for p in self.model.parameters())
         # All three tables: PEFT restarts the averages of a parameter missing from `ipt`.

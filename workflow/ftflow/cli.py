@@ -80,11 +80,11 @@ def _job_gpus(gpus: int | None, who: str):
 
 def cmd_train(args) -> int:
     from . import launch
-    from .atomic import read_json
+    from .specs import ExperimentSpec
 
     if args.gpus is None or launch.is_data_parallel_worker():
         return _train(args)  # torchrun's workers: the launcher already holds the slots
-    who = f"experiment {read_json(args.config)['name']!r}, stage {args.stage!r} (gpus: {args.gpus})"
+    who = f"experiment {ExperimentSpec.read(args.config).name!r}, stage {args.stage!r} (gpus: {args.gpus})"
     with _job_gpus(args.gpus, who) as slots:
         if args.gpus > 1:
             return launch.run_data_parallel(args.gpus, args.argv, slots)
@@ -113,11 +113,11 @@ def cmd_merge(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .atomic import read_json
     from .evaluation import evaluate_experiment
+    from .specs import ExperimentSpec
 
     _threads(args.threads)
-    with _job_gpus(args.gpus, f"experiment {read_json(args.config)['name']!r}, eval"):
+    with _job_gpus(args.gpus, f"experiment {ExperimentSpec.read(args.config).name!r}, eval"):
         result = evaluate_experiment(args.config, args.model, args.data, args.out)
     shown = {k: v for k, v in result.items() if k in ("status", "eval_loss", "perplexity", "metrics", "primary_value")}
     logging.info("eval: %s", json.dumps(shown, default=str)[:2000])

@@ -17,8 +17,8 @@ Labels are -100 wherever the loss must not look. Rows that cannot be used are
 dropped and counted by reason, never repaired; a split in which no row can be
 used is an error naming the dataset, the reason (column) and an example row.
 
-Nothing heavy is imported at the top: config.py uses the template helpers and
-the setting names below while Snakemake plans the DAG.
+The template helpers and the setting names the planner hashes live in
+encoding.py (standard library only); this module is the job's side.
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ from typing import Any
 
 from .atomic import atomic_dir, read_json, write_json
 from .errors import FtflowError
-from .encoding import DEFAULT_LOSS_ON, ENCODING_KEYS, TOKENIZATION_VERSION, split_template, template_columns, template_fields  # noqa: F401
+from .encoding import DEFAULT_LOSS_ON, ENCODING_KEYS, IGNORE, TOKENIZATION_VERSION, split_template, template_columns, template_fields  # noqa: F401
 from .sources import SPLITS, SourceRow, cut_splits, load_source
 
 log = logging.getLogger("ftflow.data")
 
-IGNORE = -100
 DROP_REASONS = {
     "empty": "the text to learn is empty (or a template column is null)",
     "missing_column": "a column the kind or template needs is absent from the row",
@@ -425,6 +424,26 @@ def _unusable_split_error(name: str, split: str, dropped: Counter, first: dict) 
     )
 
 
+# --------------------------------------------------------------------------- reading the splits back
+
+
+def load_split(data_dir: str, split: str, columns: tuple[str, ...] | None = None):
+    """One tokenized split as written by `tokenize` (only `columns` of it, those it has), or None if absent.
+
+    The one reader of this folder's splits: the train job takes the model
+    inputs of train/ and validation/, the eval job all of validation/ or test/.
+    """
+    from datasets import load_from_disk
+
+    path = os.path.join(data_dir, split)
+    if not os.path.isdir(path):
+        return None
+    dataset = load_from_disk(path)
+    if columns is None:
+        return dataset
+    return dataset.select_columns([c for c in columns if c in dataset.column_names])
+
+
 # --------------------------------------------------------------------------- the step
 
 
@@ -433,74 +452,88 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
 
     `num_proc` is the most worker processes `datasets.map` may use (the job's threads).
     """
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
     import datasets
+
+    from .models import load_tokenizer  # models (torch) imports nothing of data back
 
     datasets.disable_progress_bars()  # the job log gets one line per split instead
     started = time.perf_counter()
     spec = read_json(spec_path)
-    name, kind, max_length = spec["dataset"], spec["kind"], spec["max_length"]
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    encoder = Encoder(tokenizer, kind, spec["encoding"], max_length, name)
+    tokenizer = load_tokenizer(spec["model_dir"])
+    encoder = Encoder(tokenizer, spec["kind"], spec["encoding"], spec["max_length"], spec["dataset"])
+    splits, held_out = read_splits(spec, workdir)
+    stats = stats_header(spec, tokenizer, held_out)
+    with atomic_dir(out) as tmp:
+        for split, rows in splits.items():
+            stats["splits"][split] = split_stats = save_split(spec["dataset"], split, rows, encoder, os.path.join(tmp, split), num_proc)
+            log.info("%s %s: %d rows in, %d kept, dropped %s", spec["dataset"], split, len(rows), split_stats["kept"], split_stats["dropped"] or "none")
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(os.path.join(tmp, "stats.json"), stats)
+    return stats
 
+
+def read_splits(spec: dict, workdir: str) -> tuple[dict[str, list[SourceRow]], Any]:
+    """({split: rows}, in SPLITS order, after held-out cuts and smoke-mode row caps; what was held out)."""
     raw = load_source(spec, workdir)
-    raw, held_out = cut_splits(raw, spec.get("splits"), name)
+    raw, held_out = cut_splits(raw, spec.get("splits"), spec["dataset"])
     caps = spec.get("row_caps") or {}
+    splits = {}
+    for split in SPLITS:
+        rows = raw.get(split)
+        if rows is not None:
+            splits[split] = rows[: caps[split]] if split in caps else rows
+    return splits, held_out
 
-    stats: dict[str, Any] = {
+
+def stats_header(spec: dict, tokenizer, held_out) -> dict[str, Any]:
+    """stats.json without its per-split part: what was tokenized, with which tokenizer."""
+    return {
         "data_id": spec["data_id"],
-        "dataset": name,
-        "kind": kind,
+        "dataset": spec["dataset"],
+        "kind": spec["kind"],
         "source": spec["source"],
-        "max_length": max_length,
+        "max_length": spec["max_length"],
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
         "held_out_from_train": held_out,
-        "row_caps": caps or None,  # smoke mode reads only the first rows of each split
+        "row_caps": spec.get("row_caps") or None,  # smoke mode reads only the first rows of each split
         "drop_reasons": DROP_REASONS,
         "splits": {},
     }
-    with atomic_dir(out) as tmp:
-        for split in SPLITS:
-            rows = raw.get(split)
-            if rows is None:
-                continue
-            if split in caps:
-                rows = rows[: caps[split]]
-            encoded, used_proc = encode_split(rows, encoder, num_proc)
-            dropped, first = _drop_stats(encoded)
-            if rows and len(dropped) and sum(dropped.values()) == len(rows):
-                raise _unusable_split_error(name, split, dropped, first)
-            split_stats: dict[str, Any] = {"rows_in": len(rows), "kept": len(rows) - sum(dropped.values())}
-            if kind == "text":
-                blocks = text_blocks(encoded, max_length)
-                if rows and not blocks:
-                    raise FtflowError(f"datasets.{name}: the {split} split has fewer than 2 tokens of text")
-                saved = Dataset.from_dict({"input_ids": blocks, "labels": blocks, "length": [len(b) for b in blocks]})
-                split_stats["blocks"] = len(blocks)
-                truncated = 0
-            else:
-                kept = [i for i, drop in enumerate(encoded["drop"]) if not drop]
-                saved = encoded.select(kept).remove_columns(["drop", "detail"])
-                truncated = sum(saved["truncated"])
-                saved = saved.remove_columns(["truncated"]).rename_column("where", "source_row")
-                saved = saved.add_column("length", [len(x) for x in saved["input_ids"]])
-            saved.save_to_disk(os.path.join(tmp, split))
-            lengths = saved["length"]
-            split_stats.update(
-                {
-                    "dropped": dict(dropped),
-                    "first_dropped": first,
-                    "truncated": truncated,
-                    "tokens": int(sum(lengths)),
-                    "label_tokens": int(sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in saved["labels"])),
-                    "lengths": length_stats(lengths),
-                    "num_proc": used_proc,
-                }
-            )
-            stats["splits"][split] = split_stats
-            log.info("%s %s: %d rows in, %d kept, dropped %s", name, split, len(rows), split_stats["kept"], dict(dropped) or "none")
-        stats["seconds"] = round(time.perf_counter() - started, 2)
-        write_json(os.path.join(tmp, "stats.json"), stats)
+
+
+def save_split(name: str, split: str, rows: list[SourceRow], encoder: Encoder, folder: str, num_proc: int) -> dict[str, Any]:
+    """Encode one split, save its kept rows (text: its blocks) to `folder`; return its stats."""
+    from datasets import Dataset
+
+    encoded, used_proc = encode_split(rows, encoder, num_proc)
+    dropped, first = _drop_stats(encoded)
+    if rows and len(dropped) and sum(dropped.values()) == len(rows):
+        raise _unusable_split_error(name, split, dropped, first)
+    stats: dict[str, Any] = {"rows_in": len(rows), "kept": len(rows) - sum(dropped.values())}
+    if encoder.kind == "text":
+        blocks = text_blocks(encoded, encoder.max_length)
+        if rows and not blocks:
+            raise FtflowError(f"datasets.{name}: the {split} split has fewer than 2 tokens of text")
+        saved = Dataset.from_dict({"input_ids": blocks, "labels": blocks, "length": [len(b) for b in blocks]})
+        stats["blocks"] = len(blocks)
+        truncated = 0
+    else:
+        kept = [i for i, drop in enumerate(encoded["drop"]) if not drop]
+        saved = encoded.select(kept).remove_columns(["drop", "detail"])
+        truncated = sum(saved["truncated"])
+        saved = saved.remove_columns(["truncated"]).rename_column("where", "source_row")
+        saved = saved.add_column("length", [len(x) for x in saved["input_ids"]])
+    saved.save_to_disk(folder)
+    lengths = saved["length"]
+    stats.update(
+        {
+            "dropped": dict(dropped),
+            "first_dropped": first,
+            "truncated": truncated,
+            "tokens": int(sum(lengths)),
+            "label_tokens": int(sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in saved["labels"])),
+            "lengths": length_stats(lengths),
+            "num_proc": used_proc,
+        }
+    )
     return stats

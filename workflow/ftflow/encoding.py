@@ -13,6 +13,9 @@ import string
 # Bump when a change here changes the tokens written for the same spec: it is
 # part of every data_id, so cached tokenizations are redone.
 TOKENIZATION_VERSION = 2
+# The label of a position the loss must not look at (prompts, pads, packing seams):
+# the ignore_index of torch's cross entropy, which the transformers collators use too.
+IGNORE = -100
 DEFAULT_LOSS_ON = {"text": "all", "instruction": "completion", "chat": "assistant"}
 # Dataset settings that change the tokens, by kind (config.py hashes exactly these).
 ENCODING_KEYS = {

@@ -18,17 +18,20 @@ import logging
 import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
-from . import models
-from .atomic import read_json, write_json, write_text
-from .hashing import content_hash
+from .atomic import write_json, write_text
+from .data import load_split
 from .errors import StageError
+from .loss import labelled_positions, summed_label_loss
 from .metrics import compute as compute_metric
+from .models import device_type, load_model, load_tokenizer
 from .packing import packing_collator
 from .provenance import provenance
+from .specs import EvalSpec, ExperimentSpec
+from .status import read_status, status_reason
 
 log = logging.getLogger("ftflow.eval")
 
@@ -37,13 +40,6 @@ log = logging.getLogger("ftflow.eval")
 # labelled positions stay well under a GiB in fp32 for a 150k vocabulary.
 PACKED_TOKENS_PER_BATCH = 4096
 ANSWER_MARKER = "ftflow-answer-marker"
-
-
-def load_split(data_dir: str, split: str):
-    from datasets import load_from_disk
-
-    path = os.path.join(data_dir, split)
-    return load_from_disk(path) if os.path.isdir(path) else None
 
 
 # --------------------------------------------------------------------------- loss
@@ -74,14 +70,11 @@ def dataset_loss(model, dataset, device: str, max_tokens: int = PACKED_TOKENS_PE
     """
     total, count = 0.0, 0
     for batch in packed_batches(dataset, max_tokens):
-        labels = batch.pop("labels").to(device)
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        targets = labels[0, 1:]
-        keep = (targets != -100).nonzero().squeeze(-1)
+        targets, keep = labelled_positions(batch.pop("labels").to(device))
         if keep.numel() == 0:
             continue
-        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits[0].float()
-        total += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        total += float(summed_label_loss(model, batch, targets, keep))
         count += int(keep.numel())
     if not count:
         return {"eval_loss": None, "perplexity": None, "eval_label_tokens": 0}
@@ -131,6 +124,9 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 def generate_ids(model, tokenizer, prompts: list[list[int]], spec: dict, device: str) -> list[dict]:
     """Batched, left-padded decoding; per prompt (in input order) the new token ids up to the stop token.
 
+    `spec`: the eval section's decoding settings (max_new_tokens, batch_size,
+    do_sample, and temperature and top_p when sampling).
+
     Prompts are sorted by length so a batch wastes little padding. Left padding
     with an attention mask lets every row's answer start right after its own
     prompt; generate() derives position ids from the mask, so a padded row
@@ -162,7 +158,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], spec: dict, device:
     return results
 
 
-# --------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------- scoring
 
 
 def score(experiment: str, names, predictions: list[str], references: list[str]) -> tuple[dict, dict]:
@@ -182,80 +178,103 @@ def score(experiment: str, names, predictions: list[str], references: list[str])
 
 
 def evaluate_experiment(config_path: str, model_dir: str, data_dir: str, out_dir: str) -> dict:
-    experiment = read_json(config_path)
-    name, spec = experiment["name"], experiment["eval"]
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    predictions_path = os.path.join(out_dir, "predictions.jsonl")
+    """Evaluate the experiment's final model; write predictions.jsonl, then metrics.json (the completion marker)."""
+    experiment = ExperimentSpec.read(config_path)
+    spec = experiment.eval
     os.makedirs(out_dir, exist_ok=True)
     result = {
-        "experiment": name,
-        "baseline": experiment["baseline"],
-        "dataset": spec["dataset"],
-        "split": spec["split"],
-        "primary_metric": spec["primary_metric"],
+        "experiment": experiment.name,
+        "baseline": experiment.baseline,
+        "dataset": spec.dataset,
+        "split": spec.split,
+        "primary_metric": spec.primary_metric,
     }
-    status = models.read_status(model_dir)
+    status = read_status(model_dir)
     if status != "ok":  # the model diverged upstream: nothing to evaluate, and the status says why
-        reason = read_json(os.path.join(model_dir, models.STATUS_FILE)).get("reason")
-        write_text(predictions_path, "")
-        result.update(status=status, reason=reason)
-        write_json(metrics_path, {**result, "provenance": provenance(content_hash(experiment))})
-        return result
+        result.update(status=status, reason=status_reason(model_dir))
+        return write_outputs(out_dir, experiment, result, rows=[])
     result["status"] = "ok"
 
-    # 1. model
     torch.manual_seed(0)  # sampling, when configured, is reproducible
-    device = models.device_type()
-    model = models.load_model(model_dir, torch.float32, device)
-    model.eval()
-    tokenizer = models.load_tokenizer(model_dir)
-
-    # 2. loss and perplexity
-    loss_split = spec["loss_split"] if load_split(data_dir, spec["loss_split"]) is not None else spec["split"]
-    loss_data = load_split(data_dir, loss_split)
-    if loss_data is not None and len(loss_data):
-        result.update(dataset_loss(model, loss_data, device), loss_split=loss_split)
-
-    # 3. generation
-    test = load_split(data_dir, spec["split"])
+    device = device_type()
+    model, tokenizer = load_for_eval(model_dir, device)
+    result.update(split_loss(model, data_dir, spec, device))
     rows = []
-    if test is not None and "prompt_ids" in test.column_names:
-        if spec["max_examples"]:
-            test = test.select(range(min(spec["max_examples"], len(test))))
-        prompts, references = list(test["prompt_ids"]), list(test["reference"])
-        started = time.time()
-        generated = generate_ids(model, tokenizer, prompts, spec, device)
-        seconds = time.time() - started
-        predictions = [tokenizer.decode(g["ids"], skip_special_tokens=True).strip() for g in generated]
-        result["generation"] = {
-            "examples": len(prompts),
-            "seconds": round(seconds, 2),
-            "examples_per_second": round(len(prompts) / seconds, 3) if seconds else None,
-            "max_new_tokens": spec["max_new_tokens"],
-            "do_sample": spec["do_sample"],
-            "stop_token_ids": stop_token_ids(tokenizer, model.generation_config),
-            # answers cut off by max_new_tokens before they ended: raise it if this is not 0
-            "hit_max_new_tokens": sum(not g["stopped"] for g in generated),
-        }
+    test = generation_split(data_dir, spec)
+    if test is not None:
+        result["generation"], generated, predictions = generate(model, tokenizer, test, spec, device)
+        result["metrics"], per_example = score(experiment.name, spec.metrics, predictions, list(test["reference"]))
+        rows = prediction_rows(tokenizer, test, generated, predictions, per_example)
+    result["primary_value"] = (result.get("metrics") or {}).get(spec.primary_metric, result.get(spec.primary_metric))
+    return write_outputs(out_dir, experiment, result, rows)
 
-        # 4. task metrics
-        result["metrics"], per_example = score(name, spec["metrics"], predictions, references)
-        for i, (prompt, reference, prediction, gen) in enumerate(zip(prompts, references, predictions, generated)):
-            rows.append(
-                {
-                    "index": i,
-                    "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
-                    "reference": reference,
-                    "prediction": prediction,
-                    "new_tokens": len(gen["ids"]),
-                    "stopped": gen["stopped"],
-                    "scores": {metric: values[i] for metric, values in per_example.items()},
-                }
-            )
-    primary = spec["primary_metric"]
-    result["primary_value"] = (result.get("metrics") or {}).get(primary, result.get(primary))
 
-    # 5. write: predictions first, metrics.json last (it marks the step complete)
-    write_text(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_json(metrics_path, {**result, "provenance": provenance(content_hash(experiment))})
+def load_for_eval(model_dir: str, device: str):
+    """(model in eval mode, fp32; its tokenizer)."""
+    model = load_model(model_dir, torch.float32, device)
+    model.eval()
+    return model, load_tokenizer(model_dir)
+
+
+def split_loss(model, data_dir: str, spec: EvalSpec, device: str) -> dict:
+    """Loss and perplexity on `eval.loss_split`, or on `eval.split` when that split is absent ({} if neither has rows)."""
+    loss_split = spec.loss_split if load_split(data_dir, spec.loss_split) is not None else spec.split
+    loss_data = load_split(data_dir, loss_split)
+    if loss_data is None or not len(loss_data):
+        return {}
+    return {**dataset_loss(model, loss_data, device), "loss_split": loss_split}
+
+
+def generation_split(data_dir: str, spec: EvalSpec):
+    """The first `eval.max_examples` rows of `eval.split`, when it has prompts to generate from (text data has none)."""
+    test = load_split(data_dir, spec.split)
+    if test is None or "prompt_ids" not in test.column_names:
+        return None
+    if spec.max_examples:
+        test = test.select(range(min(spec.max_examples, len(test))))
+    return test
+
+
+def generate(model, tokenizer, test, spec: EvalSpec, device: str) -> tuple[dict, list[dict], list[str]]:
+    """(the generation record of metrics.json, generate_ids' results, decoded predictions)."""
+    prompts = list(test["prompt_ids"])
+    started = time.time()
+    generated = generate_ids(model, tokenizer, prompts, asdict(spec), device)
+    seconds = time.time() - started
+    predictions = [tokenizer.decode(g["ids"], skip_special_tokens=True).strip() for g in generated]
+    record = {
+        "examples": len(prompts),
+        "seconds": round(seconds, 2),
+        "examples_per_second": round(len(prompts) / seconds, 3) if seconds else None,
+        "max_new_tokens": spec.max_new_tokens,
+        "do_sample": spec.do_sample,
+        "stop_token_ids": stop_token_ids(tokenizer, model.generation_config),
+        # answers cut off by max_new_tokens before they ended: raise it if this is not 0
+        "hit_max_new_tokens": sum(not g["stopped"] for g in generated),
+    }
+    return record, generated, predictions
+
+
+def prediction_rows(tokenizer, test, generated: list[dict], predictions: list[str], per_example: dict) -> list[dict]:
+    """predictions.jsonl: per example its prompt, reference, prediction and scores."""
+    rows = []
+    for i, (prompt, reference, prediction, gen) in enumerate(zip(test["prompt_ids"], test["reference"], predictions, generated)):
+        rows.append(
+            {
+                "index": i,
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                "reference": reference,
+                "prediction": prediction,
+                "new_tokens": len(gen["ids"]),
+                "stopped": gen["stopped"],
+                "scores": {metric: values[i] for metric, values in per_example.items()},
+            }
+        )
+    return rows
+
+
+def write_outputs(out_dir: str, experiment: ExperimentSpec, result: dict, rows: list[dict]) -> dict:
+    """Predictions first, metrics.json last: it marks the step complete."""
+    write_text(os.path.join(out_dir, "predictions.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json(os.path.join(out_dir, "metrics.json"), {**result, "provenance": provenance(experiment.config_hash)})
     return result

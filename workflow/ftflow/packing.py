@@ -1,4 +1,4 @@
-"""Padding-free batches: several examples in one row, and attention that keeps them apart.
+"""Batches: padding-free (several examples in one row, and attention that keeps them apart) or padded.
 
 The collator is transformers' `DataCollatorWithFlattening`: it concatenates a
 batch into one row, restarts position ids at every example, masks the first
@@ -63,6 +63,13 @@ def packing_collator():
     return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
 
 
+def padding_collator(tokenizer):
+    """The `packing: false` batches: rows padded to the longest (a multiple of 8), pads unlabelled."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+
 def pick_attention(device_type: str) -> str:
     """flash-attention 2 where installed on CUDA, else ftflow's per-example SDPA."""
     if device_type == "cuda":
@@ -74,7 +81,3 @@ def pick_attention(device_type: str) -> str:
             pass
     return PACKED_ATTENTION
 
-
-def strip_for_model(batch: dict) -> dict:
-    """Model inputs only: the collator's extra columns are not model arguments."""
-    return {k: v for k, v in batch.items() if k not in ("length", "prompt_ids", "reference")}

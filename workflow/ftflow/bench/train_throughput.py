@@ -5,7 +5,7 @@ Baseline recipe (the Hugging Face fine-tuning tutorial, as most scripts copy it)
   max_length=L)`, `DataCollatorForLanguageModeling(mlm=False)` (labels = every
   non-pad token), `AutoModelForCausalLM.from_pretrained` with its default attention,
   default `Trainer`; LoRA through `get_peft_model(LoraConfig(...))`.
-ftflow: `models.setup_for_training`, the packing collator (one row, no padding,
+ftflow: `model_setup.setup_for_training`, the packing collator (one row, no padding,
   position ids restarting per example), `FtflowTrainer` (logits only where a label
   is) with ftflow's per-example attention, exactly as `ftflow train` builds them.
 
@@ -225,25 +225,27 @@ def _recipe_model(model_dir: str, method: str, stage: dict, dtype, device: str):
 
 def run_ftflow_path(model_dir: str, data_dir: str, stage: dict, method: str, steps: int, out_dir: str, device: str = "cpu", bf16: bool = False) -> dict:
     """ftflow's train path, built from the pieces `ftflow train` uses, on the same examples."""
-    from .. import models
-    from ..packing import packing_collator
+    from ..model_setup import setup_for_training
+    from ..packing import packing_collator, padding_collator
+    from ..specs import StageSpec
     from transformers import set_seed
 
-    from ..train import DivergenceGuard, FtflowTrainer, build_training_arguments
+    from ..train import load_training_data
+    from ..trainer import DivergenceGuard, FtflowTrainer, build_training_arguments
 
     stage = _stage_for(stage, method, steps, bf16)
     per_step = int(stage["training"]["per_device_train_batch_size"]) * int(stage["training"].get("gradient_accumulation_steps", 1))
     # the order of `ftflow train`: data, arguments, seed, model
-    train, _ = models.load_training_data(data_dir, stage, "bench")
+    train, _ = load_training_data(data_dir, StageSpec.from_json(stage), "bench")
     if len(train) < steps * per_step:
         raise FtflowError(f"bench: the train split of {data_dir} has {len(train)} examples; the run needs {steps * per_step}")
     train = train.select(range(steps * per_step))
     lengths, useful = _example_counts(train)
-    args = build_training_arguments(stage, out_dir, False, "bench/ftflow", device)
+    args = build_training_arguments(stage["training"], stage["packing"], out_dir, False, "bench/ftflow", device)
     set_seed(args.seed)
-    model, tokenizer, _ = models.setup_for_training(stage, model_dir, None, device)
+    model, tokenizer, _ = setup_for_training(StageSpec.from_json(stage), model_dir, None, device)
     clock = StepClock(device)
-    collator = packing_collator() if stage["packing"] else models.padding_collator(tokenizer)
+    collator = packing_collator() if stage["packing"] else padding_collator(tokenizer)
     trainer = FtflowTrainer(model=model, args=args, data_collator=collator, train_dataset=train, processing_class=tokenizer, callbacks=[clock])
     trainer.add_callback(DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"]))
     # packed: each example's own tokens and nothing else; logits only where a label is
