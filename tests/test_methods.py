@@ -18,8 +18,12 @@ from ftflow import adalora, models
 from ftflow.config import build_plan
 from ftflow.data import tokenize
 from ftflow.merge import merge_stage
+from ftflow.model_setup import setup_for_training
 from ftflow.prepare import prepare_model
-from ftflow.train import FtflowTrainer, build_training_arguments, train_stage
+from ftflow.specs import StageSpec
+from ftflow.status import read_status
+from ftflow.train import load_training_data, train_stage
+from ftflow.trainer import FtflowTrainer, build_training_arguments
 
 COLMAP = {"source": "generator:column_mapping", "args": {"seed": 3, "train": 48, "validation": 8, "test": 8}, "kind": "chat", "max_length": 128}
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
@@ -163,7 +167,7 @@ def test_qlora_trains_4bit_layers_with_checkpointing(ws, trained):
 
     config = json.loads((ws.results / "qlora" / "config.json").read_text())
     assert config["stages"][0]["training"]["activation_checkpointing"] is True
-    model, _, _ = models.setup_for_training(config["stages"][0], str(ws.base), None, "cpu")
+    model, _, _ = setup_for_training(StageSpec.from_json(config["stages"][0]), str(ws.base), None, "cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     # what trains is the LoRA pair on each 4-bit layer, nothing of the base
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
@@ -191,13 +195,13 @@ def test_adalora_prunes_ranks_within_budget(ws, trained):
 def test_adalora_loss_includes_orthogonality_penalty(ws):
     """FtflowTrainer's labelled-positions-only loss equals PEFT's own AdaLoRA loss (which adds the penalty)."""
     config = json.loads((ws.results / "adalora" / "config.json").read_text())
-    stage = config["stages"][0]
-    model, tokenizer, _ = models.setup_for_training(stage, str(ws.base), None, "cpu", total_step=4)
-    train_data, _ = models.load_training_data(str(ws.results / "data" / stage["data_id"]), stage, "adalora")
+    stage = StageSpec.from_json(config["stages"][0])
+    model, tokenizer, _ = setup_for_training(stage, str(ws.base), None, "cpu", total_step=4)
+    train_data, _ = load_training_data(str(ws.results / "data" / stage.data_id), stage, "adalora")
     from ftflow.packing import packing_collator
 
     collator = packing_collator()
-    args = build_training_arguments(stage, str(ws.root / "unused"), False, "x", "cpu")
+    args = build_training_arguments(stage.training, stage.packing, str(ws.root / "unused"), False, "x", "cpu")
     trainer = FtflowTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data, adalora_budget=adalora.AdaLoraBudgetCallback(model))
     trainer.current_gradient_accumulation_steps = 1
     batch = collator([train_data[i] for i in range(4)])
@@ -228,7 +232,7 @@ def test_huge_learning_rate_diverges_and_saves_nothing(ws, experiment, reason):
     stage = ws.stage_dir(experiment)
     assert not (stage / "model").exists() and not (stage / "checkpoints").exists()
     merged = ws.merge(experiment)
-    assert models.read_status(str(merged)) == "diverged"
+    assert read_status(str(merged)) == "diverged"
     assert not list(merged.glob("*.safetensors"))
 
 
@@ -241,13 +245,13 @@ def test_load_best_model_at_end_saves_the_best_checkpoint(ws):
     best = min(evals, key=lambda e: e["eval_loss"])
     assert metrics["best_checkpoint_step"] == best["step"]
     # the saved adapter scores the best evaluation loss on the validation split
-    stage_config = json.loads((ws.results / "best" / "config.json").read_text())["stages"][0]
-    _, validation = models.load_training_data(str(ws.results / "data" / stage_config["data_id"]), stage_config, "best")
+    stage_config = StageSpec.from_json(json.loads((ws.results / "best" / "config.json").read_text())["stages"][0])
+    _, validation = load_training_data(str(ws.results / "data" / stage_config.data_id), stage_config, "best")
     from ftflow.packing import packing_collator
 
     model = PeftModel.from_pretrained(models.load_model(str(ws.base)), ws.stage_dir("best") / "adapter")
     model.config.use_cache = False
-    args = build_training_arguments(stage_config, str(ws.root / "unused-best"), True, "x", "cpu")
+    args = build_training_arguments(stage_config.training, stage_config.packing, str(ws.root / "unused-best"), True, "x", "cpu")
     trainer = FtflowTrainer(model=model, args=args, data_collator=packing_collator(), eval_dataset=validation)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
     # evaluation is in TensorBoard under eval/
@@ -292,7 +296,7 @@ def test_adalora_schedule_is_checked_again_with_the_exact_count():
     from ftflow.errors import StageError
 
     args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=3.0, max_steps=-1, dataloader_drop_last=False)
-    stage = {"name": "s1", "adalora": {"tinit": 5, "tfinal": 6}}
+    stage = SimpleNamespace(name="s1", adalora={"tinit": 5, "tfinal": 6})
     assert adalora.check_schedule("exp", stage, 40, args) == 15  # ceil(40/4)=10 batches -> 5 steps x 3
     with pytest.raises(StageError) as err:
         adalora.check_schedule("exp", stage, 20, args)  # 5 batches -> 3 steps x 3 = 9
@@ -337,3 +341,4 @@ def test_a_full_disk_stops_the_stage_before_it_writes(ws, monkeypatch):
     stage = ws.stage_dir("no-room")
     assert not (stage / "model").exists() and not (stage / "train_metrics.json").exists()
     assert not (stage / "checkpoints" / "checkpoint-2").exists()
+
