@@ -77,6 +77,6 @@ def test_no_torch_load_without_weights_only():
 
 
 def test_trust_remote_code_is_off_by_default():
-    from ftflow.config import ModelSpec
+    from ftflow.specs import ModelSpec
 
     assert ModelSpec(name="m", hub="org/model").trust_remote_code is False

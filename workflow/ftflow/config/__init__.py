@@ -14,29 +14,22 @@ this package: planning stays fast and the jobs read only the specs it writes.
 """
 
 from ..errors import ConfigError
-from .datasets import FileHashCache, tokenization_settings
-from .loading import check_duplicate_keys, deep_merge, load_workflow_config, load_yaml, normalize_raw
-from .resolve import DataJobs, Plan, build_plan
-from .schema import LORA_DEFAULTS, METRIC_OUTPUTS, METRICS, QUANTIZATION_DEFAULTS, SCHEMA_PATH, primary_metric_choices
+from .loading import check_duplicate_keys, load_workflow_config, load_yaml, normalize_raw
+from .resolve import Plan, build_plan
+from .schema import LORA_DEFAULTS, METRIC_OUTPUTS, METRICS, QUANTIZATION_DEFAULTS
 from .sweeps import expand_sweeps
 
 __all__ = [
     "ConfigError",
-    "DataJobs",
-    "FileHashCache",
     "LORA_DEFAULTS",
     "METRICS",
     "METRIC_OUTPUTS",
     "Plan",
     "QUANTIZATION_DEFAULTS",
-    "SCHEMA_PATH",
     "build_plan",
     "check_duplicate_keys",
-    "deep_merge",
     "expand_sweeps",
     "load_workflow_config",
     "load_yaml",
     "normalize_raw",
-    "primary_metric_choices",
-    "tokenization_settings",
 ]
