@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ftflow.data import IGNORE, Encoder, RowError, split_template, template_columns, tokenize
+from ftflow.data import IGNORE, Encoder, RowError, tokenize
+from ftflow.encoding import split_template, template_columns
 from ftflow.errors import FtflowError
 from ftflow.sources import SourceRow
 

@@ -27,14 +27,13 @@ import json
 import logging
 import math
 import os
-
 import time
 from collections import Counter
 from typing import Any
 
 from .atomic import atomic_dir, read_json, write_json
+from .encoding import DEFAULT_LOSS_ON, IGNORE, template_columns
 from .errors import FtflowError
-from .encoding import DEFAULT_LOSS_ON, ENCODING_KEYS, IGNORE, TOKENIZATION_VERSION, split_template, template_columns, template_fields  # noqa: F401
 from .sources import SPLITS, SourceRow, cut_splits, load_source
 
 log = logging.getLogger("ftflow.data")

@@ -225,11 +225,11 @@ def _recipe_model(model_dir: str, method: str, stage: dict, dtype, device: str):
 
 def run_ftflow_path(model_dir: str, data_dir: str, stage: dict, method: str, steps: int, out_dir: str, device: str = "cpu", bf16: bool = False) -> dict:
     """ftflow's train path, built from the pieces `ftflow train` uses, on the same examples."""
+    from transformers import set_seed
+
     from ..model_setup import setup_for_training
     from ..packing import packing_collator, padding_collator
     from ..specs import StageSpec
-    from transformers import set_seed
-
     from ..train import load_training_data
     from ..trainer import DivergenceGuard, FtflowTrainer, build_training_arguments
 
