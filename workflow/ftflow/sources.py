@@ -12,7 +12,7 @@ about a bad row can name it. A row that cannot even be read (bytes that are not
 UTF-8, a line that is not JSON) is kept as a `SourceRow` with a `problem`, so
 that tokenization counts it among the dropped rows instead of losing it.
 
-This module imports nothing heavy at the top: config.py uses `local_files`,
+This module imports nothing heavy at the top: the planner (ftflow.config) uses `local_files`,
 `peek_columns` and `check_split_settings` while Snakemake plans the DAG.
 """
 

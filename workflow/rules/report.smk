@@ -31,7 +31,7 @@ rule report:
         mem_mb=4000,
         runtime=30,
     params:
-        out=LAYOUT.report_dir(),
+        out=lambda w, output: os.path.dirname(output.csv),
         logs=LOGS,
         title=PLAN.report["title"],
     shell:
