@@ -27,13 +27,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q -n auto --dist loadfile  # one worker per core, a test file per worker
 
+# Unit tests only: no real snakemake run, no embedded model, no cluster (about a minute).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -n auto --dist loadfile -m "not slow and not cluster"
+	$(BIN)/python -m pytest tests -q -n auto --dist loadfile -m "not slow and not workflow and not cluster"
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --config smoke=true
 
 lint: $(STAMP)
+	$(BIN)/ruff check workflow tests
+	$(BIN)/ruff format --check workflow tests
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint
 

@@ -342,3 +342,21 @@ def test_a_full_disk_stops_the_stage_before_it_writes(ws, monkeypatch):
     assert not (stage / "model").exists() and not (stage / "train_metrics.json").exists()
     assert not (stage / "checkpoints" / "checkpoint-2").exists()
 
+
+# Per-step training losses of the four smoke runs above, pinned (as torchtune pins its
+# recipes' losses): a change in data, masking, loss, optimizer or schedule that moves any
+# of them fails here even when every run still "trains". Regenerate only for a change
+# that is meant to alter training, and say so in its commit.
+# A random smoke model starts near ln(vocab) = 10.8; AdaLoRA's loss adds PEFT's orthogonality penalty.
+PINNED_LOSSES = {
+    "full": [10.806884765625, 10.816864013671875, 10.783585548400879, 10.791086196899414],
+    "lora": [10.819374084472656, 10.814348220825195, 10.810163497924805, 10.835860252380371],
+    "qlora": [10.808018684387207, 10.825451850891113, 10.800111770629883, 10.814221382141113],
+    "adalora": [11.995641708374023, 11.929915428161621, 11.783882141113281, 11.714254379272461],
+}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "adalora"])
+def test_smoke_losses_are_pinned(trained, method):
+    losses = [entry["loss"] for entry in trained[method]["losses"]]
+    assert losses == pytest.approx(PINNED_LOSSES[method], rel=1e-5)
