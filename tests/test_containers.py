@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, copy_config, planned_jobs, snakemake
 from ftflow.errors import ConfigError
 from ftflow.workflow import container_image
+from helpers import REPO, copy_config, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 

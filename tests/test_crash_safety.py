@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, snakemake
+from helpers import BIN, REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 

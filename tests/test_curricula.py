@@ -15,7 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 

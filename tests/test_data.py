@@ -25,7 +25,7 @@ def tokenizer_dir(embedded_tokenizer, tmp_path_factory) -> Path:
 
 
 def labelled_text(tokenizer, record) -> str:
-    return tokenizer.decode([t for t, l in zip(record["input_ids"], record["labels"]) if l != IGNORE])
+    return tokenizer.decode([t for t, label in zip(record["input_ids"], record["labels"]) if label != IGNORE])
 
 
 # --------------------------------------------------------------------------- chat
@@ -43,13 +43,13 @@ def test_chat_labels_only_assistant_turns(embedded_tokenizer):
     ids, labels = record["input_ids"], record["labels"]
     assert len(ids) == len(labels)
     # token by token: a label is IGNORE or the token itself, and exactly the answers' tokens are labelled
-    assert all(l in (IGNORE, t) for t, l in zip(ids, labels))
+    assert all(label in (IGNORE, t) for t, label in zip(ids, labels))
     answer_ids = [embedded_tokenizer(a + "<|im_end|>\n", add_special_tokens=False)["input_ids"] for a in ('{"a": "x"}', '{"c": "y"}')]
-    assert [t for t, l in zip(ids, labels) if l != IGNORE] == answer_ids[0] + answer_ids[1]
+    assert [t for t, label in zip(ids, labels) if label != IGNORE] == answer_ids[0] + answer_ids[1]
     runs = [i for i in range(len(labels)) if labels[i] != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
     assert len(runs) == 2, "two labelled runs, one per assistant turn"
     assert embedded_tokenizer.decode(ids[: runs[0]]).endswith("<|im_start|>assistant\n")
-    ignored = embedded_tokenizer.decode([t for t, l in zip(ids, labels) if l == IGNORE])
+    ignored = embedded_tokenizer.decode([t for t, label in zip(ids, labels) if label == IGNORE])
     for text in ("You map headers.", "Headers: a | b", "And c?"):
         assert text in ignored
     # eval prompt ends with the generation prompt; the reference is the last answer
@@ -117,7 +117,7 @@ def test_instruction_template_masks_the_prompt(embedded_tokenizer):
     assert record["reference"] == "春眠不觉晓，处处闻啼鸟。"
     prompt_ids = record["prompt_ids"]
     assert record["input_ids"][: len(prompt_ids)] == prompt_ids
-    assert all(l == IGNORE for l in record["labels"][: len(prompt_ids)])
+    assert all(label == IGNORE for label in record["labels"][: len(prompt_ids)])
     assert embedded_tokenizer.decode(prompt_ids).endswith("请创作一首古诗，主题关于春：\n")
     everything = Encoder(embedded_tokenizer, "instruction", {**POEM, "loss_on": "all"}, 256).encode(row)
     assert everything["labels"] == everything["input_ids"] == record["input_ids"]

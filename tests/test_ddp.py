@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, copy_config, snakemake
 from ftflow.gpu_slots import acquire_gpus
+from helpers import REPO, copy_config, snakemake
 
 pytestmark = pytest.mark.workflow
 

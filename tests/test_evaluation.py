@@ -8,10 +8,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import tiny_llama
 from ftflow.evaluation import chat_end_of_turn, dataset_loss, generate_ids, stop_token_ids
 from ftflow.packing import PACKED_ATTENTION
 from ftflow.prepare import tiny_model
+from helpers import tiny_llama
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
 

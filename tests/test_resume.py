@@ -17,8 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import BIN
-from test_methods import Workspace, raw_config
+from helpers import BIN, Workspace, raw_config
 
 STEPS = 5
 ADALORA = {

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO
 from ftflow.errors import FtflowError
 from ftflow.prepare import prepare_model
+from helpers import REPO
 
 
 def _tiny_llama() -> LlamaForCausalLM:

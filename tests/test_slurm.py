@@ -16,11 +16,10 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, copy_config, snakemake
+from helpers import REPO, copy_config, snakemake
 
 pytestmark = pytest.mark.cluster
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import planned_jobs, snakemake
+from helpers import planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, planned_jobs, snakemake
+from helpers import REPO, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 

