@@ -177,7 +177,7 @@ def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
     results.add(experiment_config("b", training={"learning_rate": 2e-4}), evaluation=scores(0.5, 0.4))
     results.add(experiment_config("c", training={"learning_rate": 3e-4}), evaluation=scores(0.3, 0.4))
     table = results.table()
-    assert {n: (l["best"], l["rank"]) for n, l in by_name(table).items()} == {"a": ("*", 1), "b": ("*", 1), "c": ("", 3)}
+    assert {n: (row["best"], row["rank"]) for n, row in by_name(table).items()} == {"a": ("*", 1), "b": ("*", 1), "c": ("", 3)}
 
     everyone = Results(tmp_path / "all")
     everyone.add(experiment_config("a", training={"learning_rate": 1e-4}), evaluation=scores(0.0, 0.4))
