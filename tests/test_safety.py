@@ -76,7 +76,16 @@ def test_no_torch_load_without_weights_only():
     assert not offenders, offenders
 
 
-def test_trust_remote_code_is_off_by_default():
-    from ftflow.specs import ModelSpec
+def test_trust_remote_code_is_off_unless_the_config_sets_it():
+    """A hub model's own Python code runs only when its config entry says so."""
+    from ftflow.config import build_plan
 
-    assert ModelSpec(name="m", hub="org/model").trust_remote_code is False
+    raw = {
+        "models": {"plain": {"hub": "org/model"}, "trusted": {"hub": "org/other", "trust_remote_code": True}},
+        "datasets": {"d": {"source": "hub:org/data", "kind": "text"}},
+        "defaults": {"dataset": "d"},
+        "experiments": {"a": {"model": "plain"}, "b": {"model": "trusted"}},
+    }
+    models = build_plan(raw).models
+    assert models["plain"].trust_remote_code is False
+    assert models["trusted"].trust_remote_code is True

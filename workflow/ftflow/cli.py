@@ -1,4 +1,8 @@
-"""The `ftflow` command line: one subcommand per workflow step, plus `resolve`.
+"""The `ftflow` command line: one subcommand per workflow step, plus `resolve` and `bench`.
+
+    resolve         print the experiments a config resolves to (the planner, no job)
+    prepare-model   tokenize   train   merge   evaluate   report     one per rule
+    bench           ftflow against the plain Hugging Face recipe (make bench)
 
 Rules call these commands, so the same step runs on the host, in a container
 and on a cluster node. Errors a user can fix print one line,

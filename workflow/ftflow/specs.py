@@ -22,18 +22,21 @@ FORMAT_VERSION = 1  # bump when the meaning of a resolved config changes
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A base model and where its weights come from (exactly one of hub, path, package)."""
+    """A base model and where its weights come from (exactly one of hub, path, package).
+
+    No field has a default here: the schema holds them, and the planner fills every field.
+    """
 
     name: str
-    hub: str | None = None  # Hugging Face hub id, e.g. Qwen/Qwen3-0.6B
-    path: str | None = None  # local HF folder or .gguf file
-    package: str | None = None  # installed Python package that ships a GGUF file
-    file: str | None = None  # GGUF file name inside `package` (or beside `path`)
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    trust_remote_code: bool = False  # run the model repo's own Python code (off unless set)
-    dtype: str = "auto"  # dtype the prepared weights are stored in
-    arch: str | None = None  # architecture family, used for the smoke-mode stand-in
-    chat_template: str | None = None  # Jinja chat template to install (text or file path)
+    hub: str | None  # Hugging Face hub id, e.g. Qwen/Qwen3-0.6B
+    path: str | None  # local HF folder or .gguf file
+    package: str | None  # installed Python package that ships a GGUF file
+    file: str | None  # GGUF file name inside `package` (or beside `path`)
+    revision: str | None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool  # run the model repo's own Python code (off unless set)
+    dtype: str  # dtype the prepared weights are stored in
+    arch: str | None  # architecture family, used for the smoke-mode stand-in
+    chat_template: str | None  # Jinja chat template to install (text or file path)
 
     def source_text(self) -> str:
         if self.hub:
@@ -49,23 +52,23 @@ class DatasetSpec:
 
     name: str
     source: Any  # "hub:<id>", "modelscope:<id>", "generator:<name>", a path/glob, or {split: path}
-    kind: str = "chat"  # text | instruction | chat
-    subset: str | None = None  # hub config name
-    revision: str | None = None  # hub revision
-    hub_splits: dict | None = None  # {train: "train", validation: "validation", test: "test"}
-    args: dict = field(default_factory=dict)  # generator arguments
-    template: str | None = None  # instruction: Python format string over columns
-    prompt: str | None = None  # instruction: explicit prompt template
-    completion: str | None = None  # instruction: explicit completion template
-    text_column: str = "text"  # text kind: column holding the raw text
-    messages_column: str = "messages"  # chat kind: column holding the message list
-    loss_on: str | None = None  # completion | assistant | all (default by kind)
-    chat_template: str | None = None  # override the tokenizer's chat template
-    max_length: int = 1024  # tokens per example (text: block size)
-    truncation: str = "drop"  # drop | truncate rows longer than max_length
-    splits: dict | None = None  # {validation: n|fraction, test: n|fraction, seed: int}
-    metrics: tuple = ()  # task metrics computed on generated outputs
-    primary_metric: str | None = None  # metric that picks the best row of the report
+    kind: str  # text | instruction | chat
+    subset: str | None  # hub config name
+    revision: str | None  # hub revision
+    hub_splits: dict | None  # {train: "train", validation: "validation", test: "test"}
+    args: dict  # generator arguments
+    template: str | None  # instruction: Python format string over columns
+    prompt: str | None  # instruction: explicit prompt template
+    completion: str | None  # instruction: explicit completion template
+    text_column: str  # text kind: column holding the raw text
+    messages_column: str  # chat kind: column holding the message list
+    loss_on: str | None  # completion | assistant | all (default by kind)
+    chat_template: str | None  # override the tokenizer's chat template
+    max_length: int  # tokens per example (text: block size)
+    truncation: str  # drop | truncate rows longer than max_length
+    splits: dict | None  # {validation: n|fraction, test: n|fraction, seed: int}
+    metrics: tuple  # task metrics computed on generated outputs
+    primary_metric: str | None  # metric that picks the best row of the report
 
 
 @dataclass(frozen=True)
