@@ -23,13 +23,17 @@ sys.path.insert(0, str(REPO / "workflow"))
 # --------------------------------------------------------------------------- real snakemake runs
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the real snakemake on the repository's Snakefile inside `workdir`."""
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -72,7 +76,12 @@ def copy_config(src: Path, workdir: Path, name: str = "config.yaml") -> Path:
 # --------------------------------------------------------------------------- jobs in this process
 
 
-COLMAP = {"source": "generator:column_mapping", "args": {"seed": 3, "train": 48, "validation": 8, "test": 8}, "kind": "chat", "max_length": 128}
+COLMAP = {
+    "source": "generator:column_mapping",
+    "args": {"seed": 3, "train": 48, "validation": 8, "test": 8},
+    "kind": "chat",
+    "max_length": 128,
+}
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
@@ -86,7 +95,12 @@ def raw_config(experiments: dict, max_steps: int = 4) -> dict:
             "model": "smol",
             "dataset": "colmap",
             "lora": LORA,
-            "training": {"max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3, "save_steps": 2},
+            "training": {
+                "max_steps": max_steps,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1.0e-3,
+                "save_steps": 2,
+            },
         },
         "experiments": experiments,
         "report": {"baseline": False},
@@ -110,12 +124,16 @@ class Workspace:
         self.base = self.results / "models" / "smol.smoke"
         prepare_model(str(self.results / "models" / "smol.smoke.json"), str(self.base))
         for data_id in self.plan.data:
-            tokenize(str(self.results / "data" / f"{data_id}.json"), str(self.results / "data" / data_id), workdir=str(root))
+            tokenize(
+                str(self.results / "data" / f"{data_id}.json"), str(self.results / "data" / data_id), workdir=str(root)
+            )
 
     def stage_dir(self, experiment: str, stage: str = "train") -> Path:
         return self.results / experiment / stage
 
-    def train(self, experiment: str, stage: str = "train", base: Path | None = None, adapter: Path | None = None) -> dict:
+    def train(
+        self, experiment: str, stage: str = "train", base: Path | None = None, adapter: Path | None = None
+    ) -> dict:
         from ftflow.train import train_stage
 
         spec = self.plan.experiments[experiment].stage(stage)

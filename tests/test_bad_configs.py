@@ -34,8 +34,22 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[int, str]]:
     def run(case: str):
         work = root / case.removesuffix(".yaml")
         shutil.copytree(CORPUS, work)
-        proc = snakemake(work, "-n", "--cores", "1", "--configfile", str(work / "base.yaml"), str(work / case), check=False, timeout=120)
-        leftovers = sorted(str(p.relative_to(work)) for p in (work / "results").rglob("*")) if (work / "results").exists() else []
+        proc = snakemake(
+            work,
+            "-n",
+            "--cores",
+            "1",
+            "--configfile",
+            str(work / "base.yaml"),
+            str(work / case),
+            check=False,
+            timeout=120,
+        )
+        leftovers = (
+            sorted(str(p.relative_to(work)) for p in (work / "results").rglob("*"))
+            if (work / "results").exists()
+            else []
+        )
         return case, (proc.returncode, proc.stdout + proc.stderr, leftovers)
 
     with ThreadPoolExecutor(max_workers=2) as pool:

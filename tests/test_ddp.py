@@ -31,8 +31,18 @@ def test_two_process_training_matches_single_device(workdir):
     single = json.loads((workdir / targets[0]).read_text())
     ddp = json.loads((workdir / targets[1]).read_text())
     assert single["status"] == ddp["status"] == "ok"
-    assert single["data_parallel"] == {"processes": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "backend": None}
-    assert ddp["data_parallel"] == {"processes": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "backend": "gloo"}
+    assert single["data_parallel"] == {
+        "processes": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "backend": None,
+    }
+    assert ddp["data_parallel"] == {
+        "processes": 2,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "backend": "gloo",
+    }
     assert ddp["steps"] == single["steps"] == 4
     # Both processes' batches are counted, and together they are the single run's batches.
     assert ddp["tokens"] == single["tokens"] and ddp["label_tokens"] == single["label_tokens"]

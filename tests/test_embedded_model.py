@@ -53,7 +53,9 @@ def run(tmp_path_factory):
     stage_dir = results / "lora" / "train"
     metrics = train_stage(str(results / "lora" / "config.json"), "train", str(model_dir), str(data_dir), str(stage_dir))
     merge_stage(str(stage_dir / "train_metrics.json"), str(model_dir), str(stage_dir / "merged"))
-    evaluation = evaluate_experiment(str(results / "lora" / "config.json"), str(stage_dir / "merged"), str(data_dir), str(results / "lora" / "eval"))
+    evaluation = evaluate_experiment(
+        str(results / "lora" / "config.json"), str(stage_dir / "merged"), str(data_dir), str(results / "lora" / "eval")
+    )
     return {"model": model_dir, "stage": stage_dir, "metrics": metrics, "eval": evaluation, "data": data_dir}
 
 
@@ -66,7 +68,10 @@ def test_gguf_converts_to_a_working_safetensors_model(run):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])

@@ -62,9 +62,16 @@ def smoke_model_and_tokenizer(embedded_tokenizer):
 
 
 def chat_prompts(tokenizer) -> list[list[int]]:
-    questions = ["Map `Veh. Type`.", "Map these headers: 排放标准, EF (g/km), Year, Fuel type, Region code.", "Hi", "Map `NOx`, `PM2.5`."]
+    questions = [
+        "Map `Veh. Type`.",
+        "Map these headers: 排放标准, EF (g/km), Year, Fuel type, Region code.",
+        "Hi",
+        "Map `NOx`, `PM2.5`.",
+    ]
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         for q in questions
     ]
 

@@ -49,7 +49,9 @@ def slot_env(tmp_path: Path, gpus: str) -> dict:
 
 def start_job(tmp_path: Path, env: dict, count: int, hold: float, name: str) -> tuple[subprocess.Popen, Path]:
     record = tmp_path / f"{name}.json"
-    proc = subprocess.Popen([sys.executable, "-c", JOB, str(count), str(hold), str(record)], env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", JOB, str(count), str(hold), str(record)], env=env, stdout=subprocess.PIPE, text=True
+    )
     return proc, record
 
 
@@ -117,7 +119,9 @@ def test_waiting_job_starts_when_a_slot_frees(tmp_path):
 
 def test_too_many_gpus_is_a_clear_error(tmp_path):
     env = slot_env(tmp_path, "2")
-    with pytest.raises(GpuSlotError, match=r"experiment 'x', stage 'sft' \(gpus: 4\): asks for 4 GPU\(s\) but this machine has 2"):
+    with pytest.raises(
+        GpuSlotError, match=r"experiment 'x', stage 'sft' \(gpus: 4\): asks for 4 GPU\(s\) but this machine has 2"
+    ):
         acquire_gpus(4, "experiment 'x', stage 'sft' (gpus: 4)", env=env)
     no_gpu = {"PATH": str(tmp_path), "FTFLOW_GPU_SLOTS_DIR": str(tmp_path / "slots")}
     with pytest.raises(GpuSlotError, match="has 0 .*no nvidia-smi on PATH"):
@@ -172,7 +176,11 @@ def test_gpu_box_profile_offers_the_gpus_the_allocator_sees(monkeypatch):
 
 def gpus_asked(dry_run_output: str) -> dict[str, int]:
     """{"rule wildcards": gpu resource} of the jobs a dry run lists."""
-    return {f"{job.rule} {job.wildcards}": int(job.resources["gpu"]) for job in dry_run_jobs(dry_run_output) if "gpu" in job.resources}
+    return {
+        f"{job.rule} {job.wildcards}": int(job.resources["gpu"])
+        for job in dry_run_jobs(dry_run_output)
+        if "gpu" in job.resources
+    }
 
 
 @pytest.mark.workflow

@@ -34,12 +34,24 @@ EXPERIMENTS = {
     "limited": {"method": "lora", "training": {"save_steps": 1, "save_total_limit": 2}},
     "no-room": {"method": "full"},
     "lora-again": {"method": "lora", "training": {"gradient_accumulation_steps": 2}},
-    "diverges": {"method": "full", "training": {"learning_rate": 1.0e3}, "divergence": {"factor": 3.0, "warmup_steps": 1}},
+    "diverges": {
+        "method": "full",
+        "training": {"learning_rate": 1.0e3},
+        "divergence": {"factor": 3.0, "warmup_steps": 1},
+    },
     # logging_nan_inf_filter would average a NaN away in the log; the guard sees the raw loss
-    "overflows": {"method": "full", "training": {"learning_rate": 1.0e38, "max_grad_norm": 0.0, "logging_nan_inf_filter": True}},
+    "overflows": {
+        "method": "full",
+        "training": {"learning_rate": 1.0e38, "max_grad_norm": 0.0, "logging_nan_inf_filter": True},
+    },
     "best": {
         "method": "lora",
-        "training": {"eval_strategy": "steps", "load_best_model_at_end": True, "learning_rate": 5.0e-2, "save_total_limit": 1},
+        "training": {
+            "eval_strategy": "steps",
+            "load_best_model_at_end": True,
+            "learning_rate": 5.0e-2,
+            "save_total_limit": 1,
+        },
     },
 }
 
@@ -95,7 +107,9 @@ def test_method_trains_and_merges_into_the_model_it_trained(ws, trained, method)
     # Merging folds B·A·scale into W: the same sums in another order, so fp32
     # rounding only (logits here are O(1)-O(10); 1e-4 is ~100 ulps).
     torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(expected, logits_of(models.load_model(str(ws.base), attention="sdpa"), batch), atol=1e-3), "the adapter changed nothing"
+    assert not torch.allclose(
+        expected, logits_of(models.load_model(str(ws.base), attention="sdpa"), batch), atol=1e-3
+    ), "the adapter changed nothing"
 
     if method == "qlora":
         assert metrics["quantization"]["quant_type"] == "nf4"
@@ -147,7 +161,13 @@ def test_adalora_loss_includes_orthogonality_penalty(ws):
 
     collator = packing_collator()
     args = build_training_arguments(stage.training, stage.packing, str(ws.root / "unused"), False, "x", "cpu")
-    trainer = FtflowTrainer(model=model, args=args, data_collator=collator, train_dataset=train_data, adalora_budget=adalora.AdaLoraBudgetCallback(model))
+    trainer = FtflowTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_data,
+        adalora_budget=adalora.AdaLoraBudgetCallback(model),
+    )
     trainer.current_gradient_accumulation_steps = 1
     batch = collator([train_data[i] for i in range(4)])
     with torch.no_grad():
@@ -157,7 +177,9 @@ def test_adalora_loss_includes_orthogonality_penalty(ws):
                 param.mul_(3.0)
         ours = trainer.compute_loss(model, dict(batch))
         theirs = model(**batch).loss
-        plain = trainer.compute_loss(model, dict(batch)) - trainer.orthogonality_weight * adalora.orthogonality_penalty(model)
+        plain = trainer.compute_loss(model, dict(batch)) - trainer.orthogonality_weight * adalora.orthogonality_penalty(
+            model
+        )
     assert float(ours - plain) > 0.1
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
@@ -168,7 +190,9 @@ def test_same_seed_same_losses(ws, trained):
     assert again["steps"] == 4 and again["tokens"] == trained["lora"]["tokens"]
 
 
-@pytest.mark.parametrize("experiment, reason", [("diverges", "exceeds 3 x starting loss"), ("overflows", "non-finite loss")])
+@pytest.mark.parametrize(
+    "experiment, reason", [("diverges", "exceeds 3 x starting loss"), ("overflows", "non-finite loss")]
+)
 def test_huge_learning_rate_diverges_and_saves_nothing(ws, experiment, reason):
     """A loss past factor x its start, or a NaN/inf one (never filtered out of the log), stops the stage."""
     metrics = ws.train(experiment)
@@ -196,7 +220,9 @@ def test_load_best_model_at_end_saves_the_best_checkpoint(ws):
 
     model = PeftModel.from_pretrained(models.load_model(str(ws.base)), ws.stage_dir("best") / "adapter")
     model.config.use_cache = False
-    args = build_training_arguments(stage_config.training, stage_config.packing, str(ws.root / "unused-best"), True, "x", "cpu")
+    args = build_training_arguments(
+        stage_config.training, stage_config.packing, str(ws.root / "unused-best"), True, "x", "cpu"
+    )
     trainer = FtflowTrainer(model=model, args=args, data_collator=packing_collator(), eval_dataset=validation)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
     # evaluation is in TensorBoard under eval/
@@ -211,11 +237,16 @@ def test_adalora_schedule_without_pruning_is_refused_before_any_job(tmp_path):
     """total_step from cheap row counts (a generator's `train`, a .jsonl's lines less held-out rows), no tokenization."""
     from ftflow.errors import ConfigError
 
-    lines = "".join(json.dumps({"messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]}) + "\n" for i in range(30))
+    lines = "".join(
+        json.dumps({"messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]}) + "\n"
+        for i in range(30)
+    )
     (tmp_path / "rows.jsonl").write_text(lines)
 
     def plan(dataset: str, tinit: int, tfinal: int):
-        raw = raw_config({"ada": {"method": "adalora", "dataset": dataset, "adalora": {"tinit": tinit, "tfinal": tfinal}}})
+        raw = raw_config(
+            {"ada": {"method": "adalora", "dataset": dataset, "adalora": {"tinit": tinit, "tfinal": tfinal}}}
+        )
         raw["smoke"] = False
         raw["datasets"]["local"] = {"source": "rows.jsonl", "kind": "chat", "splits": {"validation": 3, "test": 3}}
         raw["defaults"]["training"].update(max_steps=-1, num_train_epochs=2)
@@ -240,7 +271,13 @@ def test_adalora_schedule_is_checked_again_with_the_exact_count():
 
     from ftflow.errors import StageError
 
-    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=3.0, max_steps=-1, dataloader_drop_last=False)
+    args = SimpleNamespace(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=3.0,
+        max_steps=-1,
+        dataloader_drop_last=False,
+    )
     stage = SimpleNamespace(name="s1", adalora={"tinit": 5, "tfinal": 6})
     assert adalora.check_schedule("exp", stage, 40, args) == 15  # ceil(40/4)=10 batches -> 5 steps x 3
     with pytest.raises(StageError) as err:
@@ -266,7 +303,10 @@ def test_checkpoints_obey_save_total_limit(ws, monkeypatch):
     metrics = ws.train("limited")
     assert metrics["status"] == "ok" and metrics["steps"] == 4
     # four checkpoints were saved (save_steps: 1), the two newest are kept
-    assert len(kept) == 1 and [name for name in kept[0] if name.startswith("checkpoint-")] == ["checkpoint-3", "checkpoint-4"], kept
+    assert len(kept) == 1 and [name for name in kept[0] if name.startswith("checkpoint-")] == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ], kept
 
 
 def test_a_full_disk_stops_the_stage_before_it_writes(ws, monkeypatch):
@@ -281,7 +321,9 @@ def test_a_full_disk_stops_the_stage_before_it_writes(ws, monkeypatch):
     with pytest.raises(StageError) as caught:
         ws.train("no-room")
     message = str(caught.value)
-    assert message.startswith("experiment 'no-room', stage 'train': not enough free space to save checkpoint-2"), message
+    assert message.startswith("experiment 'no-room', stage 'train': not enough free space to save checkpoint-2"), (
+        message
+    )
     assert "GiB free" in message and "save_total_limit" in message
     stage = ws.stage_dir("no-room")
     assert not (stage / "model").exists() and not (stage / "train_metrics.json").exists()

@@ -48,7 +48,11 @@ def test_json_field_accuracy_per_field_overall_and_invalid():
 
 def test_json_field_accuracy_compares_json_types_strictly():
     references = [json.dumps({"flag": True, "n": 1, "s": "1", "nested": {"k": [1, 2]}})]
-    out = compute("json_field_accuracy", predictions=['{"flag": 1, "n": true, "s": 1, "nested": {"k": [1, 2]}}'], references=references)
+    out = compute(
+        "json_field_accuracy",
+        predictions=['{"flag": 1, "n": true, "s": 1, "nested": {"k": [1, 2]}}'],
+        references=references,
+    )
     assert out["per_field"] == {"flag": 0.0, "n": 0.0, "s": 0.0, "nested": 1.0}
 
 

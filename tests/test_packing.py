@@ -95,7 +95,9 @@ def trainer_for(stage_training: dict, packing: bool, tmp_path, dataset=None):
     from ftflow.trainer import FtflowTrainer, build_training_arguments
 
     training = {"per_device_train_batch_size": 8, "seed": 42, "max_steps": 1, **stage_training}
-    args = build_training_arguments(training, packing, str(tmp_path / "out"), has_eval=False, run_name="t/s", device="cpu")
+    args = build_training_arguments(
+        training, packing, str(tmp_path / "out"), has_eval=False, run_name="t/s", device="cpu"
+    )
     tokenizer = word_tokenizer()
     data = dataset if dataset is not None else Dataset.from_list(features(EXAMPLES))
     return FtflowTrainer(
@@ -115,7 +117,9 @@ def test_padded_and_packed_losses_agree(tmp_path):
     padded_trainer.model = model
     packed = packed_trainer.compute_loss(model, packing_collator()(features(EXAMPLES)))
     padded = padded_trainer.compute_loss(model, padded_trainer.data_collator(features(EXAMPLES)))
-    total = sum(model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss * (len(ids) - 1) for ids in EXAMPLES)
+    total = sum(
+        model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss * (len(ids) - 1) for ids in EXAMPLES
+    )
     expected = total / sum(len(ids) - 1 for ids in EXAMPLES)
     torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(padded, expected, rtol=1e-5, atol=1e-6)
@@ -141,7 +145,11 @@ def test_without_packing_batches_are_grouped_by_stored_length(tmp_path):
     grouped = trainer_for({}, False, tmp_path, data)
     assert grouped.args.train_sampling_strategy == "group_by_length"
     sampler = grouped._get_train_sampler()
-    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == data["length"], "the tokenize step's lengths, not recomputed"
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == data["length"], (
+        "the tokenize step's lengths, not recomputed"
+    )
     shuffled = trainer_for({"train_sampling_strategy": "random"}, False, tmp_path, data)
     assert pad_fraction(grouped) < 0.5 * pad_fraction(shuffled)
-    assert trainer_for({}, True, tmp_path, data).args.train_sampling_strategy == "random", "packed rows need no grouping"
+    assert trainer_for({}, True, tmp_path, data).args.train_sampling_strategy == "random", (
+        "packed rows need no grouping"
+    )

@@ -25,10 +25,21 @@ def poems_run(tmp_path_factory) -> Path:
     (workdir / "data").mkdir()
     rows = [{"title": f"无题其{i}", "content": f"{LINES[i % 8]}，{LINES[(i + 3) % 8]}。"} for i in range(40)]
     rows[5] = {"title": "缺内容"}  # a bad row: counted, not fatal
-    (workdir / "data" / "poems.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (workdir / "data" / "poems.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     local = "datasets:\n  chinese-poems: {source: data/poems.jsonl, splits: {validation: 4, test: 4}}\n"
     (workdir / "local.yaml").write_text(local, encoding="utf-8")
-    snakemake(workdir, "--cores", "2", "--configfile", str(workdir / "poems.yaml"), str(workdir / "local.yaml"), "--config", "smoke=true")
+    snakemake(
+        workdir,
+        "--cores",
+        "2",
+        "--configfile",
+        str(workdir / "poems.yaml"),
+        str(workdir / "local.yaml"),
+        "--config",
+        "smoke=true",
+    )
     return workdir
 
 

@@ -22,7 +22,9 @@ TRAINING = {"learning_rate": 5e-4, "per_device_train_batch_size": 2, "num_train_
 LORA = {"r": 16, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
-def experiment_config(name: str, baseline: bool = False, primary: str = "json_field_accuracy", training=None, lora=None) -> dict:
+def experiment_config(
+    name: str, baseline: bool = False, primary: str = "json_field_accuracy", training=None, lora=None
+) -> dict:
     stage = {
         "name": "train",
         "index": 0,
@@ -53,7 +55,14 @@ def experiment_config(name: str, baseline: bool = False, primary: str = "json_fi
         "metrics": ["exact_match", "json_field_accuracy"],
         "primary_metric": primary,
     }
-    config = {"name": name, "model": "smol", "stages": [] if baseline else [stage], "eval": evaluation, "baseline": baseline, "smoke": True}
+    config = {
+        "name": name,
+        "model": "smol",
+        "stages": [] if baseline else [stage],
+        "eval": evaluation,
+        "baseline": baseline,
+        "smoke": True,
+    }
     return ExperimentSpec.from_json({**config, "format_version": FORMAT_VERSION}).to_json()  # as the planner writes it
 
 
@@ -71,16 +80,30 @@ class Results:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data))
 
-    def add(self, config: dict, *, train: str | None = "ok", evaluation: dict | None = None, reason: str | None = None) -> dict:
+    def add(
+        self, config: dict, *, train: str | None = "ok", evaluation: dict | None = None, reason: str | None = None
+    ) -> dict:
         name = config["name"]
         self.names.append(name)
         self._write(self.results / name / "config.json", config)
         stamp = {"provenance": {"config_hash": content_hash(config)}}
         for stage in config["stages"]:
             if train is not None:
-                metrics = {"experiment": name, "stage": stage["name"], "method": "lora", "status": train, "steps": 12, "tokens": 4000, "wall_seconds": 80.0,
-                           "trainable_parameters": 4_884_480, "peak_rss_mb": 3905.0, "final_loss": 0.25,
-                           "losses": [{"step": s, "loss": 2.0 / s} for s in range(1, 13)], "eval_losses": [], **stamp}
+                metrics = {
+                    "experiment": name,
+                    "stage": stage["name"],
+                    "method": "lora",
+                    "status": train,
+                    "steps": 12,
+                    "tokens": 4000,
+                    "wall_seconds": 80.0,
+                    "trainable_parameters": 4_884_480,
+                    "peak_rss_mb": 3905.0,
+                    "final_loss": 0.25,
+                    "losses": [{"step": s, "loss": 2.0 / s} for s in range(1, 13)],
+                    "eval_losses": [],
+                    **stamp,
+                }
                 if reason:
                     metrics["reason"] = reason
                 self._write(self.results / name / stage["name"] / "train_metrics.json", metrics)
@@ -101,7 +124,17 @@ class Results:
 
 
 def scores(accuracy: float, loss: float, exact: float = 0.0) -> dict:
-    return {"eval_loss": loss, "perplexity": 2.718281828 ** loss, "metrics": {"exact_match": exact, "json_field_accuracy": accuracy, "invalid_json": 1, "invalid_json_rate": 0.1, "per_field": {"a": accuracy}}}
+    return {
+        "eval_loss": loss,
+        "perplexity": 2.718281828**loss,
+        "metrics": {
+            "exact_match": exact,
+            "json_field_accuracy": accuracy,
+            "invalid_json": 1,
+            "invalid_json_rate": 0.1,
+            "per_field": {"a": accuracy},
+        },
+    }
 
 
 def by_name(table) -> dict:
@@ -168,7 +201,10 @@ def test_all_zero_primary_metric_falls_back_to_eval_loss(tmp_path):
     table = results.table()
     assert [line["experiment"] for line in table.rows] == ["b", "c", "a", "baseline"]
     assert by_name(table)["b"]["best"] == "*"
-    assert "every finished run scores 0.000, so eval loss decides: best b at eval loss 10.72 (untuned baseline 10.84)" in headline(table.groups[0], table)
+    assert (
+        "every finished run scores 0.000, so eval loss decides: best b at eval loss 10.72 (untuned baseline 10.84)"
+        in headline(table.groups[0], table)
+    )
 
 
 def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
@@ -177,7 +213,11 @@ def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
     results.add(experiment_config("b", training={"learning_rate": 2e-4}), evaluation=scores(0.5, 0.4))
     results.add(experiment_config("c", training={"learning_rate": 3e-4}), evaluation=scores(0.3, 0.4))
     table = results.table()
-    assert {n: (row["best"], row["rank"]) for n, row in by_name(table).items()} == {"a": ("*", 1), "b": ("*", 1), "c": ("", 3)}
+    assert {n: (row["best"], row["rank"]) for n, row in by_name(table).items()} == {
+        "a": ("*", 1),
+        "b": ("*", 1),
+        "c": ("", 3),
+    }
 
     everyone = Results(tmp_path / "all")
     everyone.add(experiment_config("a", training={"learning_rate": 1e-4}), evaluation=scores(0.0, 0.4))
@@ -189,19 +229,32 @@ def test_exact_ties_share_the_mark_and_a_tie_of_all_marks_none(tmp_path):
 
 def test_lower_is_better_primary_metric(tmp_path):
     results = Results(tmp_path)
-    results.add(experiment_config("a", primary="eval_loss", training={"learning_rate": 1e-4}), evaluation=scores(0.9, 0.6))
-    results.add(experiment_config("b", primary="eval_loss", training={"learning_rate": 2e-4}), evaluation=scores(0.1, 0.4))
-    results.add(experiment_config("baseline", baseline=True, primary="eval_loss"), train=None, evaluation=scores(0.0, 1.0))
+    results.add(
+        experiment_config("a", primary="eval_loss", training={"learning_rate": 1e-4}), evaluation=scores(0.9, 0.6)
+    )
+    results.add(
+        experiment_config("b", primary="eval_loss", training={"learning_rate": 2e-4}), evaluation=scores(0.1, 0.4)
+    )
+    results.add(
+        experiment_config("baseline", baseline=True, primary="eval_loss"), train=None, evaluation=scores(0.0, 1.0)
+    )
     table = results.table()
     assert by_name(table)["b"]["best"] == "*"
     assert by_name(table)["b"]["delta_eval_loss"] == pytest.approx(-0.6)
 
 
 def test_diverged_failed_not_run_and_stale_rows(sweep):
-    config = sweep.add(experiment_config("diverge", training={"learning_rate": 1e20}), train="diverged", reason="non-finite loss at step 3",
-                       evaluation={"reason": "upstream"})
+    config = sweep.add(
+        experiment_config("diverge", training={"learning_rate": 1e20}),
+        train="diverged",
+        reason="non-finite loss at step 3",
+        evaluation={"reason": "upstream"},
+    )
     sweep.add(experiment_config("bad-target", lora={"target_modules": ["nope"]}), train=None)
-    log = sweep.log("bad-target/train/train.log", "INFO loading\nTraceback (most recent call last):\n  File x\nValueError: Target modules {'nope'} not found in the base model.\n")
+    log = sweep.log(
+        "bad-target/train/train.log",
+        "INFO loading\nTraceback (most recent call last):\n  File x\nValueError: Target modules {'nope'} not found in the base model.\n",
+    )
     sweep.add(experiment_config("waiting", training={"learning_rate": 7e-4}), train=None)
     # an eval result left from an earlier config of this experiment is not this config's result
     sweep.add(experiment_config("stale", training={"learning_rate": 9e-4}), evaluation=scores(0.99, 0.01))
@@ -209,7 +262,9 @@ def test_diverged_failed_not_run_and_stale_rows(sweep):
     stale_eval.write_text(json.dumps({**json.loads(stale_eval.read_text()), "provenance": {"config_hash": "0" * 16}}))
     os.remove(sweep.results / "stale" / "train" / "train_metrics.json")
     past = time.time() - 3600
-    os.utime(sweep.log("stale/train/train.log", "INFO done\n"), (past, past))  # older than config.json: an earlier run's log
+    os.utime(
+        sweep.log("stale/train/train.log", "INFO done\n"), (past, past)
+    )  # older than config.json: an earlier run's log
 
     lines = by_name(sweep.table())
     assert (lines["diverge"]["status"], lines["diverge"]["note"]) == ("diverged", "train: non-finite loss at step 3")
@@ -234,7 +289,14 @@ def test_a_failed_tokenize_job_is_named_for_every_experiment_it_blocks(tmp_path)
 
 
 def test_number_formats():
-    assert [format_value("setting", v) for v in (5e-5, 1.5e-3, 0.05, 1e20, 768, True)] == ["5e-5", "1.5e-3", "0.05", "1e20", "768", "on"]
+    assert [format_value("setting", v) for v in (5e-5, 1.5e-3, 0.05, 1e20, 768, True)] == [
+        "5e-5",
+        "1.5e-3",
+        "0.05",
+        "1e20",
+        "768",
+        "on",
+    ]
     assert [format_value("count", v) for v in (4_884_480, 38_000, 512)] == ["4.88M", "38k", "512"]
     assert [format_value("seconds", v) for v in (41.24, 206.3, 7300)] == ["41.2s", "3m26s", "2h01m"]
     assert [format_value("mb", v) for v in (642.2, 3905.0)] == ["642 MiB", "3.81 GiB"]

@@ -50,7 +50,9 @@ def test_sweep_table_has_one_row_per_experiment_the_varied_columns_and_the_diver
     assert len(best) == 1 and best[0]["experiment"] != "baseline" and best[0]["rank"] == "1"
     assert names[0] == best[0]["experiment"] and names[-1] == "diverge-lr1e20"  # ranked, unfinished runs last
     assert float(best[0]["eval_loss"]) <= min(float(r["eval_loss"]) for r in rows if r["status"] == "ok")
-    assert all(r["delta_json_field_accuracy"] != "" for r in rows if r["status"] == "ok" and r["experiment"] != "baseline")
+    assert all(
+        r["delta_json_field_accuracy"] != "" for r in rows if r["status"] == "ok" and r["experiment"] != "baseline"
+    )
 
     markdown = (report / "report.md").read_text()
     assert "| lr | batch | accum | epochs | r | alpha | dropout | grad_ckpt |" in markdown
@@ -74,7 +76,9 @@ def test_snakemake_report_packs_the_table_and_plots(sweep_run: Path):
 
 def test_failed_jobs_leave_a_partial_report_beside_the_finished_rows(tmp_path: Path):
     config = REPO / "tests" / "configs" / "partial-report.yaml"
-    proc = snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "--config", "smoke=true", "--keep-going", check=False)
+    proc = snakemake(
+        tmp_path, "--cores", "2", "--configfile", str(config), "--config", "smoke=true", "--keep-going", check=False
+    )
     assert proc.returncode != 0
     partial = tmp_path / "results" / "report" / "partial"
     rows = {r["experiment"]: r for r in csv.DictReader((partial / "summary.csv").open())}

@@ -115,7 +115,9 @@ def test_divergence_guard_keeps_its_starting_loss_across_a_resume():
     from ftflow.trainer import DivergenceGuard
 
     guard = DivergenceGuard(trainer=None, factor=3.0, warmup_steps=2)
-    restored = SimpleNamespace(global_step=3, log_history=[{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 2.5}])
+    restored = SimpleNamespace(
+        global_step=3, log_history=[{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 2.5}]
+    )
     guard.on_train_begin(None, restored, None)
     assert guard.start_losses == [1.0, 2.0]
     control = SimpleNamespace(should_training_stop=False, should_save=True)

@@ -32,8 +32,15 @@ MACHINE_LOCK = "/tmp/ftflow-slurm-test.lock"
 STATUS_ARGS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "3"]
 # The node is this machine (2 CPUs in CI): every job asks for one CPU and little memory.
 SMALL_JOBS = [
-    "--set-threads", "prepare_model=1", "tokenize=1", "train=1", "merge=1", "evaluate=1", "report=1",
-    "--set-resources", *(f"{rule}:mem_mb=1500" for rule in ("prepare_model", "tokenize", "train", "merge", "evaluate", "report")),
+    "--set-threads",
+    "prepare_model=1",
+    "tokenize=1",
+    "train=1",
+    "merge=1",
+    "evaluate=1",
+    "report=1",
+    "--set-resources",
+    *(f"{rule}:mem_mb=1500" for rule in ("prepare_model", "tokenize", "train", "merge", "evaluate", "report")),
 ]
 
 
@@ -42,9 +49,14 @@ def install_slurm_or_skip() -> None:
     if all(shutil.which(tool) for tool in TOOLS):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"SLURM is not installed and cannot be installed here (needs root and apt-get): apt-get install -y {' '.join(PACKAGES)}")
+        pytest.skip(
+            f"SLURM is not installed and cannot be installed here (needs root and apt-get): apt-get install -y {' '.join(PACKAGES)}"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+    ):
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
             pytest.skip(f"SLURM packages could not be installed ({' '.join(command)}): {proc.stderr.strip()[-500:]}")
@@ -72,7 +84,9 @@ def slurm_cluster(tmp_path_factory):
 
 def job_states() -> dict[str, str]:
     """{rule and wildcards (the plugin's job comment): SLURM state} of every job the cluster remembers."""
-    listing = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%k|%T"], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%k|%T"], capture_output=True, text=True, check=True
+    ).stdout
     return dict(line.split("|", 1) for line in listing.splitlines() if line.startswith("rule_"))
 
 
@@ -83,10 +97,13 @@ def test_smoke_workflow_on_slurm(slurm_cluster, workdir):
     started = time.monotonic()
     run = snakemake(
         workdir,
-        "--profile", str(REPO / "profiles" / "slurm"),
-        "--default-resources", "slurm_partition=debug",
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        "--default-resources",
+        "slurm_partition=debug",
         "--slurm-no-account",
-        "--latency-wait", "5",
+        "--latency-wait",
+        "5",
         *STATUS_ARGS,
         *SMALL_JOBS,
         check=False,
@@ -95,7 +112,11 @@ def test_smoke_workflow_on_slurm(slurm_cluster, workdir):
     wall = time.monotonic() - started
     output = run.stdout + run.stderr
     states = job_states()
-    summary = {"bring_up_seconds": round(slurm_cluster["bring_up_seconds"], 1), "workflow_seconds": round(wall, 1), "job_states": states}
+    summary = {
+        "bring_up_seconds": round(slurm_cluster["bring_up_seconds"], 1),
+        "workflow_seconds": round(wall, 1),
+        "job_states": states,
+    }
     (workdir / "slurm_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

@@ -13,7 +13,10 @@ from ftflow.config import build_plan
 from ftflow.errors import ConfigError, FtflowError
 from ftflow.sources import check_split_settings, cut_splits, load_source, read_local
 
-POEMS = [{"title": "春晓", "content": "春眠不觉晓，处处闻啼鸟。"}, {"title": "静夜思", "content": "床前明月光，疑是地上霜。"}]
+POEMS = [
+    {"title": "春晓", "content": "春眠不觉晓，处处闻啼鸟。"},
+    {"title": "静夜思", "content": "床前明月光，疑是地上霜。"},
+]
 
 
 def jsonl(rows) -> str:
@@ -34,7 +37,9 @@ def test_every_local_format_gives_the_same_rows(tmp_path):
     (tmp_path / "p.jsonl").write_text(jsonl(POEMS), encoding="utf-8")
     (tmp_path / "p.json").write_text(json.dumps(POEMS, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "lines.json").write_text(jsonl(POEMS), encoding="utf-8")
-    (tmp_path / "p.csv").write_text("title,content\n" + "".join(f"{r['title']},\"{r['content']}\"\n" for r in POEMS), encoding="utf-8")
+    (tmp_path / "p.csv").write_text(
+        "title,content\n" + "".join(f'{r["title"]},"{r["content"]}"\n' for r in POEMS), encoding="utf-8"
+    )
     pq.write_table(pa.Table.from_pylist(POEMS), tmp_path / "p.parquet")
     for name in ("p.jsonl", "p.json", "lines.json", "p.csv", "p.parquet"):
         rows = read_local(name, str(tmp_path))
@@ -83,11 +88,23 @@ def test_unreadable_rows_are_kept_as_problems_not_lost(tmp_path):
 
 
 def test_generator_source():
-    splits = load_source({"dataset": "c", "source": "generator:column_mapping", "source_options": {"args": {"seed": 1, "train": 5, "validation": 2, "test": 3}}})
+    splits = load_source(
+        {
+            "dataset": "c",
+            "source": "generator:column_mapping",
+            "source_options": {"args": {"seed": 1, "train": 5, "validation": 2, "test": 3}},
+        }
+    )
     assert {k: len(v) for k, v in splits.items()} == {"train": 5, "validation": 2, "test": 3}
     assert splits["test"][0].where == "generator:column_mapping test row 1"
     with pytest.raises(FtflowError, match=r"datasets\.c\.args"):
-        load_source({"dataset": "c", "source": "generator:column_mapping", "source_options": {"args": {"min_headers": 9, "max_headers": 2}}})
+        load_source(
+            {
+                "dataset": "c",
+                "source": "generator:column_mapping",
+                "source_options": {"args": {"min_headers": 9, "max_headers": 2}},
+            }
+        )
 
 
 @pytest.fixture
@@ -121,13 +138,18 @@ def test_hub_source_with_subset_and_split_names(hub_folder):
 def test_hub_errors_name_the_dataset(hub_folder):
     with pytest.raises(FtflowError, match=r"datasets\.poems\.source: cannot load hub dataset .*subset 'yuan'"):
         load_source({"dataset": "poems", "source": f"hub:{hub_folder}", "source_options": {"subset": "yuan"}})
-    with pytest.raises(FtflowError, match=r"datasets\.poems\.source: cannot load hub dataset 'nobody/no-such-poems'.*HF_ENDPOINT"):
+    with pytest.raises(
+        FtflowError, match=r"datasets\.poems\.source: cannot load hub dataset 'nobody/no-such-poems'.*HF_ENDPOINT"
+    ):
         load_source({"dataset": "poems", "source": "hub:nobody/no-such-poems", "source_options": {}})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="modelscope is installed")
 def test_modelscope_without_the_extra_is_a_clear_error():
-    with pytest.raises(FtflowError, match=r"datasets\.poems\.source: ModelScope sources need the optional extra: pip install 'ftflow\[modelscope\]'"):
+    with pytest.raises(
+        FtflowError,
+        match=r"datasets\.poems\.source: ModelScope sources need the optional extra: pip install 'ftflow\[modelscope\]'",
+    ):
         load_source({"dataset": "poems", "source": "modelscope:larryvrh/Chinese-Poems", "source_options": {}})
 
 
@@ -199,7 +221,12 @@ def config_error(tmp_path: Path, dataset: dict) -> str:
     return str(info.value)
 
 
-POEM_DATASET = {"source": "poems.jsonl", "kind": "instruction", "template": "请创作一首古诗，主题关于{title}：\n{content}", "max_length": 128}
+POEM_DATASET = {
+    "source": "poems.jsonl",
+    "kind": "instruction",
+    "template": "请创作一首古诗，主题关于{title}：\n{content}",
+    "max_length": 128,
+}
 
 
 @pytest.fixture
@@ -213,25 +240,60 @@ def poems_dir(tmp_path) -> Path:
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ({"template": "主题：{titel}\n{content}"}, "datasets.poems.template: column 'titel' is in none of the first 2 lines of poems.jsonl; its columns are content, title (did you mean 'title'?)"),
-        ({"source": "poems.csv", "template": "{name}\n{content}"}, "datasets.poems.template: column 'name' is in none of poems.csv (row 1); its columns are content, title"),
-        ({"source": "poems.json", "template": "{poem}"}, "datasets.poems.template: column 'poem' is in none of the first 2 items of poems.json"),
-        ({"kind": "chat", "template": None}, "datasets.poems.messages_column: column 'messages' is in none of the first 2 lines"),
+        (
+            {"template": "主题：{titel}\n{content}"},
+            "datasets.poems.template: column 'titel' is in none of the first 2 lines of poems.jsonl; its columns are content, title (did you mean 'title'?)",
+        ),
+        (
+            {"source": "poems.csv", "template": "{name}\n{content}"},
+            "datasets.poems.template: column 'name' is in none of poems.csv (row 1); its columns are content, title",
+        ),
+        (
+            {"source": "poems.json", "template": "{poem}"},
+            "datasets.poems.template: column 'poem' is in none of the first 2 items of poems.json",
+        ),
+        (
+            {"kind": "chat", "template": None},
+            "datasets.poems.messages_column: column 'messages' is in none of the first 2 lines",
+        ),
         ({"kind": "text", "template": None}, "datasets.poems.text_column: column 'text' is in none"),
         ({"source": "missing/*.jsonl"}, "datasets.poems.source: no file matches 'missing/*.jsonl'"),
         ({"source": "poems.xlsx"}, "datasets.poems.source: no file matches"),
         ({"source": {"train": "poems.jsonl", "dev": "poems.csv"}}, "datasets.poems.source.dev: unknown split"),
         ({"source": {"test": "poems.csv"}}, "datasets.poems.source: the mapping has no 'train' split"),
-        ({"source": {"train": "poems.jsonl", "test": "poems.csv"}, "splits": {"test": 0.1}}, "datasets.poems.splits.test: the source gives its own test split"),
+        (
+            {"source": {"train": "poems.jsonl", "test": "poems.csv"}, "splits": {"test": 0.1}},
+            "datasets.poems.splits.test: the source gives its own test split",
+        ),
         ({"template": "{title}：{0}"}, "datasets.poems.template: invalid template: use named placeholders"),
         ({"template": "no placeholder"}, "datasets.poems.template: the template has no {column} placeholder"),
         ({"prompt": "{title}", "completion": "{content}"}, "set either 'template' or 'prompt' and 'completion'"),
-        ({"chat_template": "{{ messages }}"}, "datasets.poems.chat_template: applies to chat datasets; this one is instruction"),
+        (
+            {"chat_template": "{{ messages }}"},
+            "datasets.poems.chat_template: applies to chat datasets; this one is instruction",
+        ),
         ({"splits": {"validation": 0.7, "test": 0.3}}, "datasets.poems.splits: the fractions held out add up to 1"),
-        ({"source": "hub:larryvrh/Chinese-Poems", "hub_splits": {"test": "test"}}, "datasets.poems.hub_splits: names no 'train' split"),
-        ({"source": "generator:nope", "kind": "chat", "template": None}, "datasets.poems.source: unknown generator 'nope'"),
-        ({"source": "generator:column_mapping", "kind": "chat", "template": None, "args": {"rows": 3}}, "datasets.poems.args: generator 'column_mapping'"),
-        ({"source": "generator:column_mapping", "kind": "chat", "template": None, "chat_template": "templates/chat.jinja"}, "datasets.poems.chat_template: no chat template file 'templates/chat.jinja'"),
+        (
+            {"source": "hub:larryvrh/Chinese-Poems", "hub_splits": {"test": "test"}},
+            "datasets.poems.hub_splits: names no 'train' split",
+        ),
+        (
+            {"source": "generator:nope", "kind": "chat", "template": None},
+            "datasets.poems.source: unknown generator 'nope'",
+        ),
+        (
+            {"source": "generator:column_mapping", "kind": "chat", "template": None, "args": {"rows": 3}},
+            "datasets.poems.args: generator 'column_mapping'",
+        ),
+        (
+            {
+                "source": "generator:column_mapping",
+                "kind": "chat",
+                "template": None,
+                "chat_template": "templates/chat.jinja",
+            },
+            "datasets.poems.chat_template: no chat template file 'templates/chat.jinja'",
+        ),
     ],
 )
 def test_data_config_errors_before_any_job(poems_dir, change, expected):
@@ -242,7 +304,9 @@ def test_data_config_errors_before_any_job(poems_dir, change, expected):
 
 def test_unsupported_file_type_is_a_config_error(poems_dir):
     (poems_dir / "poems.xlsx").write_bytes(b"PK")
-    assert "datasets.poems.source: unsupported file type: poems.xlsx" in config_error(poems_dir, {**POEM_DATASET, "source": "poems.xlsx"})
+    assert "datasets.poems.source: unsupported file type: poems.xlsx" in config_error(
+        poems_dir, {**POEM_DATASET, "source": "poems.xlsx"}
+    )
 
 
 def data_id(tmp_path: Path, dataset: dict, **stage) -> str:
@@ -264,7 +328,9 @@ def test_data_id_changes_with_what_changes_tokens_only(poems_dir):
         assert data_id(poems_dir, dataset) == base, change
     assert data_id(poems_dir, POEM_DATASET, training={"learning_rate": 1e-5}, method="full") == base
     with_template = {**MODELS, "m": {**MODELS["m"], "chat_template": "{{ messages }}"}}
-    assert plan(poems_dir, POEM_DATASET, models=with_template).experiments["e"].stages[0].data_id == base, "instruction rows use no chat template"
+    assert plan(poems_dir, POEM_DATASET, models=with_template).experiments["e"].stages[0].data_id == base, (
+        "instruction rows use no chat template"
+    )
     # everything that changes the tokens does
     different = [
         {"template": "主题：{title}\n{content}"},
@@ -277,7 +343,9 @@ def test_data_id_changes_with_what_changes_tokens_only(poems_dir):
     ids = {data_id(poems_dir, {**POEM_DATASET, **change}) for change in different}
     assert base not in ids and len(ids) == len(different)
     assert data_id(poems_dir, POEM_DATASET, max_length=64) != base
-    assert plan(poems_dir, POEM_DATASET, e={"model": "q"}).experiments["e"].stages[0].data_id != base, "another tokenizer"
+    assert plan(poems_dir, POEM_DATASET, e={"model": "q"}).experiments["e"].stages[0].data_id != base, (
+        "another tokenizer"
+    )
     (poems_dir / "poems.jsonl").write_text(jsonl(POEMS[::-1]), encoding="utf-8")
     assert data_id(poems_dir, POEM_DATASET) != base, "the file's content"
 
@@ -298,9 +366,16 @@ def test_spec_file_holds_only_what_changes_tokens(poems_dir):
     data_id = first.experiments["e"].stages[0].data_id
     spec_path = poems_dir / "results" / "data" / f"{data_id}.json"
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    assert spec["encoding"] == {"prompt": "请创作一首古诗，主题关于{title}：\n", "completion": "{content}", "loss_on": "completion", "truncation": "drop"}
+    assert spec["encoding"] == {
+        "prompt": "请创作一首古诗，主题关于{title}：\n",
+        "completion": "{content}",
+        "loss_on": "completion",
+        "truncation": "drop",
+    }
     assert "metrics" not in json.dumps(spec)
     mtime = spec_path.stat().st_mtime_ns
     written = plan(poems_dir, {**POEM_DATASET, "metrics": ["bleu"]}).write_specs()
     assert str(poems_dir / "results" / "e" / "config.json") in written, "the experiment scores differently"
-    assert str(spec_path) not in written and spec_path.stat().st_mtime_ns == mtime, "a metrics edit rewrites no tokenization spec"
+    assert str(spec_path) not in written and spec_path.stat().st_mtime_ns == mtime, (
+        "a metrics edit rewrites no tokenization spec"
+    )

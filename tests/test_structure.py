@@ -133,6 +133,12 @@ def test_the_planner_imports_only_light_leaves():
 
 
 def test_no_job_module_imports_the_planner():
-    jobs = [name for name in MODULES if not name.startswith(PLANNER) and name not in ("ftflow.cli", "ftflow.workflow") and not name.startswith("ftflow.bench")]
+    jobs = [
+        name
+        for name in MODULES
+        if not name.startswith(PLANNER)
+        and name not in ("ftflow.cli", "ftflow.workflow")
+        and not name.startswith("ftflow.bench")
+    ]
     offenders = {name: sorted(m for m in GRAPH[name] if m.startswith(PLANNER)) for name in jobs}
     assert {k: v for k, v in offenders.items() if v} == {}

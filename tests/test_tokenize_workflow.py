@@ -36,7 +36,12 @@ CONFIG = {
     "defaults": {"model": "smol", "dataset": "poems", "method": "lora", "training": {"max_steps": 2}},
     "experiments": {"full": {"method": "full"}},
     # nine more experiments: three learning rates x three ranks
-    "sweeps": {"grid": {"base": "full", "grid": {"method": ["lora"], "training.learning_rate": [1.0e-4, 2.0e-4, 4.0e-4], "lora.r": [4, 8, 16]}}},
+    "sweeps": {
+        "grid": {
+            "base": "full",
+            "grid": {"method": ["lora"], "training.learning_rate": [1.0e-4, 2.0e-4, 4.0e-4], "lora.r": [4, 8, 16]},
+        }
+    },
 }
 
 

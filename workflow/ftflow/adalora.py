@@ -79,9 +79,15 @@ def ranks(model) -> dict[str, int]:
     """Ranks kept per adapted module: the allocator's current rank pattern (init_r each before any mask)."""
     config = adapter_config(model)
     if config.rank_pattern:
-        return {_module_name(key): int(sum(bool(x) for x in _as_list(keep))) for key, keep in config.rank_pattern.items()}
+        return {
+            _module_name(key): int(sum(bool(x) for x in _as_list(keep))) for key, keep in config.rank_pattern.items()
+        }
     name = model.base_model.trainable_adapter_name
-    return {module_name: int(module.lora_E[name].shape[0]) for module_name, module in model.named_modules() if _is_adalora_layer(module, name)}
+    return {
+        module_name: int(module.lora_E[name].shape[0])
+        for module_name, module in model.named_modules()
+        if _is_adalora_layer(module, name)
+    }
 
 
 def _is_adalora_layer(module, adapter: str) -> bool:

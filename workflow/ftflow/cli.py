@@ -69,7 +69,15 @@ def cmd_tokenize(args) -> int:
     _threads(args.threads)
     stats = tokenize(args.spec, args.out, workdir=os.getcwd(), num_proc=args.threads or 1)
     for split, s in stats["splits"].items():
-        logging.info("%s: %d rows in, %d kept, dropped %s, %d tokens, %d label tokens", split, s["rows_in"], s["kept"], s["dropped"] or "none", s["tokens"], s["label_tokens"])
+        logging.info(
+            "%s: %d rows in, %d kept, dropped %s, %d tokens, %d label tokens",
+            split,
+            s["rows_in"],
+            s["kept"],
+            s["dropped"] or "none",
+            s["tokens"],
+            s["label_tokens"],
+        )
     return 0
 
 
@@ -147,9 +155,23 @@ def cmd_bench(args) -> int:
 
     command = "ftflow bench" + (" --quick" if args.quick else "") + (" --gpu" if args.gpu else "")
     work = args.work or os.path.join(args.out, "work")
-    results = run_bench(args.out, work, args.configfile or default_configfile(), args.quick, args.gpu, args.cores or os.cpu_count() or 1, command, log=logging.info)
+    results = run_bench(
+        args.out,
+        work,
+        args.configfile or default_configfile(),
+        args.quick,
+        args.gpu,
+        args.cores or os.cpu_count() or 1,
+        command,
+        log=logging.info,
+    )
     missed = [t["key"] for t in results["targets"] if not t["met"]]
-    logging.info("bench: wrote %s/results.json and results.md in %.0f s; targets missed: %s", args.out, results["seconds"], ", ".join(missed) or "none")
+    logging.info(
+        "bench: wrote %s/results.json and results.md in %.0f s; targets missed: %s",
+        args.out,
+        results["seconds"],
+        ", ".join(missed) or "none",
+    )
     return 0
 
 
@@ -184,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the stage's folder")
     p.add_argument("--adapter", help="adapter to continue (init_from: adapter)")
     p.add_argument("--threads", type=int)
-    p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices; more than 1 trains data-parallel with torchrun")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="hold this many GPU slots of the machine and see only those devices; more than 1 trains data-parallel with torchrun",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="merge a stage's adapter into its base")
@@ -192,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
-    p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices (0: none)")
+    p.add_argument(
+        "--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices (0: none)"
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evaluate", help="evaluate an experiment's final model")
@@ -213,12 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="ftflow report")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("bench", help="measure ftflow against the plain Hugging Face recipe; writes results.json and results.md")
-    p.add_argument("--quick", action="store_true", help="CI mode: the tiny stand-in model, few steps and rows; checks that the benchmark runs, measures nothing")
-    p.add_argument("--gpu", action="store_true", help="also run the bf16 comparison on a Qwen3-0.6B-shaped model (needs CUDA)")
+    p = sub.add_parser(
+        "bench", help="measure ftflow against the plain Hugging Face recipe; writes results.json and results.md"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI mode: the tiny stand-in model, few steps and rows; checks that the benchmark runs, measures nothing",
+    )
+    p.add_argument(
+        "--gpu", action="store_true", help="also run the bf16 comparison on a Qwen3-0.6B-shaped model (needs CUDA)"
+    )
     p.add_argument("--out", default="bench", help="folder for results.json and results.md")
     p.add_argument("--work", help="work folder, reused between runs (default: OUT/work)")
-    p.add_argument("--configfile", help="config whose first LoRA experiment is measured (default: config.yaml, the embedded default)")
+    p.add_argument(
+        "--configfile",
+        help="config whose first LoRA experiment is measured (default: config.yaml, the embedded default)",
+    )
     p.add_argument("--cores", type=int, help="cores for the workflow runs that prepare the inputs (default: all)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -93,7 +93,9 @@ class Encoder:
                     f"datasets.{dataset}.chat_template (or models.<name>.chat_template) to a Jinja template or a file"
                 )
             if not self.tok.is_fast:
-                raise FtflowError(f"datasets.{dataset}: chat labels need a fast tokenizer (character offsets); this one is not")
+                raise FtflowError(
+                    f"datasets.{dataset}: chat labels need a fast tokenizer (character offsets); this one is not"
+                )
             self.turn_end = self._probe_turn_end()
         elif kind == "text":
             self.text_column = encoding.get("text_column", "text")
@@ -152,7 +154,8 @@ class Encoder:
         if messages is None or (isinstance(messages, list) and not messages):
             raise RowError("empty", f"column {self.messages_column!r} has no messages")
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
         ):
             raise RowError("invalid_messages", "each message needs a string 'role' and a string 'content'")
         if not any(m["role"] == "assistant" for m in messages):
@@ -200,7 +203,9 @@ class Encoder:
         return {"text": text}
 
     def render(self, values: dict) -> dict:
-        return {"chat": self._render_chat, "instruction": self._render_instruction, "text": self._render_text}[self.kind](values)
+        return {"chat": self._render_chat, "instruction": self._render_instruction, "text": self._render_text}[
+            self.kind
+        ](values)
 
     # -- tokens, a batch at a time (the fast tokenizer encodes a list in one call)
     def _tokenize(self, rendered: list[dict]) -> list[dict]:
@@ -230,7 +235,10 @@ class Encoder:
                 # A token is labelled when any of its characters is in an assistant span:
                 # every character of an answer is learned, also when a merge joins the
                 # answer's first character to the template text before it.
-                labels = [t if end > start and any(start < e and s < end for s, e in r["spans"]) else IGNORE for t, (start, end) in zip(ids, offsets)]
+                labels = [
+                    t if end > start and any(start < e and s < end for s, e in r["spans"]) else IGNORE
+                    for t, (start, end) in zip(ids, offsets)
+                ]
             records.append({"input_ids": ids, "labels": labels, "prompt_ids": p, "reference": r["reference"]})
         return records
 
@@ -287,7 +295,9 @@ def _encode_batch(batch: dict, encoder: Encoder) -> dict:
         SourceRow(where, json.loads(raw) if raw else None, problem or None, detail)
         for where, raw, problem, detail in zip(batch["where"], batch["row"], batch["problem"], batch["detail"])
     ]
-    out: dict[str, list] = {k: [] for k in ("where", "drop", "detail", "input_ids", "labels", "prompt_ids", "reference", "truncated")}
+    out: dict[str, list] = {
+        k: [] for k in ("where", "drop", "detail", "input_ids", "labels", "prompt_ids", "reference", "truncated")
+    }
     for row, result in zip(rows, encoder.encode_rows(rows)):
         out["where"].append(row.where)
         if isinstance(result, RowError):
@@ -321,7 +331,9 @@ def encode_split(rows: list[SourceRow], encoder: Encoder, threads: int):
         {
             "where": [r.where for r in rows],
             # rows travel as JSON text: sources disagree on column types, a JSON string never does
-            "row": [json.dumps(r.values, ensure_ascii=False, default=str) if r.values is not None else "" for r in rows],
+            "row": [
+                json.dumps(r.values, ensure_ascii=False, default=str) if r.values is not None else "" for r in rows
+            ],
             "problem": [r.problem or "" for r in rows],
             "detail": [r.detail for r in rows],
         }
@@ -414,7 +426,9 @@ def _drop_stats(encoded) -> tuple[Counter, dict]:
 def _unusable_split_error(name: str, split: str, dropped: Counter, first: dict) -> FtflowError:
     reason, count = dropped.most_common(1)[0]
     example = first[reason]
-    what = f"column {example['detail']!r} is missing" if reason == "missing_column" else f"{reason}: {example['detail']}"
+    what = (
+        f"column {example['detail']!r} is missing" if reason == "missing_column" else f"{reason}: {example['detail']}"
+    )
     others = ", ".join(f"{n} x {r}" for r, n in dropped.most_common()[1:])
     return FtflowError(
         f"datasets.{name}: no row of the {split} split can be used; {count} x {reason}"
@@ -464,8 +478,17 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
     stats = stats_header(spec, tokenizer, held_out)
     with atomic_dir(out) as tmp:
         for split, rows in splits.items():
-            stats["splits"][split] = split_stats = save_split(spec["dataset"], split, rows, encoder, os.path.join(tmp, split), num_proc)
-            log.info("%s %s: %d rows in, %d kept, dropped %s", spec["dataset"], split, len(rows), split_stats["kept"], split_stats["dropped"] or "none")
+            stats["splits"][split] = split_stats = save_split(
+                spec["dataset"], split, rows, encoder, os.path.join(tmp, split), num_proc
+            )
+            log.info(
+                "%s %s: %d rows in, %d kept, dropped %s",
+                spec["dataset"],
+                split,
+                len(rows),
+                split_stats["kept"],
+                split_stats["dropped"] or "none",
+            )
         stats["seconds"] = round(time.perf_counter() - started, 2)
         write_json(os.path.join(tmp, "stats.json"), stats)
     return stats
@@ -500,7 +523,9 @@ def stats_header(spec: dict, tokenizer, held_out) -> dict[str, Any]:
     }
 
 
-def save_split(name: str, split: str, rows: list[SourceRow], encoder: Encoder, folder: str, num_proc: int) -> dict[str, Any]:
+def save_split(
+    name: str, split: str, rows: list[SourceRow], encoder: Encoder, folder: str, num_proc: int
+) -> dict[str, Any]:
     """Encode one split, save its kept rows (text: its blocks) to `folder`; return its stats."""
     from datasets import Dataset
 

@@ -24,6 +24,7 @@ ENCODING_KEYS = {
     "chat": ("messages_column", "chat_template", "loss_on", "truncation"),
 }
 
+
 def template_fields(template: str) -> list[tuple[str, int]]:
     """[(column, offset of its '{' in the template)] of a format template; ValueError if malformed."""
     fields = []
@@ -36,7 +37,9 @@ def template_fields(template: str) -> list[tuple[str, int]]:
         if name == "" or name.isdigit():
             raise ValueError("use named placeholders such as {title}; positional {} and {0} have no column")
         if not name.isidentifier():
-            raise ValueError(f"placeholder {{{name}}} is not a column name (attribute and index lookups are not supported)")
+            raise ValueError(
+                f"placeholder {{{name}}} is not a column name (attribute and index lookups are not supported)"
+            )
         if "{" in (spec or ""):
             raise ValueError(f"placeholder {{{name}}}: nested placeholders in a format spec are not supported")
         written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"

@@ -114,7 +114,10 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     """Every id that ends an answer: the model's and tokenizer's eos, and the chat end-of-turn."""
     ids: list[int] = []
     configured = getattr(generation_config, "eos_token_id", None)
-    for value in (configured if isinstance(configured, list) else [configured]) + [tokenizer.eos_token_id, chat_end_of_turn(tokenizer)]:
+    for value in (configured if isinstance(configured, list) else [configured]) + [
+        tokenizer.eos_token_id,
+        chat_end_of_turn(tokenizer),
+    ]:
         if value is not None and value not in ids:
             ids.append(int(value))
     return ids
@@ -135,7 +138,9 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], spec: dict, device:
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    gen_kwargs = dict(max_new_tokens=spec["max_new_tokens"], do_sample=spec["do_sample"], pad_token_id=pad, eos_token_id=stops)
+    gen_kwargs = dict(
+        max_new_tokens=spec["max_new_tokens"], do_sample=spec["do_sample"], pad_token_id=pad, eos_token_id=stops
+    )
     if spec["do_sample"]:
         gen_kwargs.update(temperature=spec["temperature"], top_p=spec["top_p"])
     else:  # a model's generation_config may ask for sampling settings greedy decoding ignores
@@ -258,7 +263,9 @@ def generate(model, tokenizer, test, spec: EvalSpec, device: str) -> tuple[dict,
 def prediction_rows(tokenizer, test, generated: list[dict], predictions: list[str], per_example: dict) -> list[dict]:
     """predictions.jsonl: per example its prompt, reference, prediction and scores."""
     rows = []
-    for i, (prompt, reference, prediction, gen) in enumerate(zip(test["prompt_ids"], test["reference"], predictions, generated)):
+    for i, (prompt, reference, prediction, gen) in enumerate(
+        zip(test["prompt_ids"], test["reference"], predictions, generated)
+    ):
         rows.append(
             {
                 "index": i,
@@ -275,6 +282,8 @@ def prediction_rows(tokenizer, test, generated: list[dict], predictions: list[st
 
 def write_outputs(out_dir: str, experiment: ExperimentSpec, result: dict, rows: list[dict]) -> dict:
     """Predictions first, metrics.json last: it marks the step complete."""
-    write_text(os.path.join(out_dir, "predictions.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(
+        os.path.join(out_dir, "predictions.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
     write_json(os.path.join(out_dir, "metrics.json"), {**result, "provenance": provenance(experiment.config_hash)})
     return result

@@ -73,7 +73,9 @@ def count_parameters(model) -> dict:
     return {"trainable": int(trainable), "total": int(total)}
 
 
-def setup_for_training(stage: StageSpec, base_dir: str, adapter_dir: str | None, device: str, total_step: int | None = None):
+def setup_for_training(
+    stage: StageSpec, base_dir: str, adapter_dir: str | None, device: str, total_step: int | None = None
+):
     """(model, tokenizer, parameter counts) ready for the Trainer: full weights, or the base + a trainable adapter.
 
     `adapter_dir` (init_from: adapter) continues the previous stage's adapter
@@ -84,7 +86,9 @@ def setup_for_training(stage: StageSpec, base_dir: str, adapter_dir: str | None,
 
     info = stage.method_info
     tokenizer = load_tokenizer(base_dir)
-    model = load_model(base_dir, training_dtype(stage.training), device, quantization=stage.quantization if info.quantized else None)
+    model = load_model(
+        base_dir, training_dtype(stage.training), device, quantization=stage.quantization if info.quantized else None
+    )
     model.config.use_cache = False  # packed rows must not share a KV cache
     if info.quantized:
         # Casts the layers left unquantized (norms, embeddings, head) to fp32 and makes the

@@ -33,7 +33,13 @@ def trust_remote_code(model_dir: str) -> bool:
     return bool(model_meta(model_dir).get("spec", {}).get("trust_remote_code", False))
 
 
-def load_model(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu", quantization: dict | None = None, attention: str | None = None):
+def load_model(
+    model_dir: str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    quantization: dict | None = None,
+    attention: str | None = None,
+):
     """The causal LM in `model_dir`; 4-bit through bitsandbytes when `quantization` (a stage's section) is given."""
     from transformers import AutoModelForCausalLM
 

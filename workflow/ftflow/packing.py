@@ -27,7 +27,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     """SDPA per packed example, split at `cu_seq_lens_q`; otherwise plain SDPA."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     bounds = cu_seqlens.tolist()
     outputs = []
@@ -80,4 +82,3 @@ def pick_attention(device_type: str) -> str:
         except ImportError:
             pass
     return PACKED_ATTENTION
-

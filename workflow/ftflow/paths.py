@@ -142,6 +142,7 @@ class Layout:
         return f"{self.benchmarks}/{experiment}/eval.tsv"
 
 
-def stage_dir_of(train_metrics_path: str) -> str:
-    """The stage folder of a train_metrics.json (the merge job is handed only that file)."""
-    return os.path.dirname(train_metrics_path)
+def stage_dir_of(path_in_stage: str) -> str:
+    """The stage folder of an entry directly in it: its train_metrics.json (all the merge job is
+    handed) or its adapter/ (what a stage that continues an adapter is handed)."""
+    return os.path.dirname(os.path.normpath(path_in_stage))

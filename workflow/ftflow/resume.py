@@ -40,7 +40,11 @@ class Resume:
 def stage_stamp(experiment: ExperimentSpec, stage: StageSpec, base_dir: str, adapter_dir: str | None) -> dict:
     """What a checkpoint must have been trained with to be continued: the stage config, model and inputs."""
     fingerprint = content_hash({"stage": asdict(stage), "model": experiment.model, "smoke": experiment.smoke})
-    return {"config_hash": fingerprint, "base": os.path.abspath(base_dir), "adapter": adapter_dir and os.path.abspath(adapter_dir)}
+    return {
+        "config_hash": fingerprint,
+        "base": os.path.abspath(base_dir),
+        "adapter": adapter_dir and os.path.abspath(adapter_dir),
+    }
 
 
 def find_resume(checkpoints_dir: str, tb_dir: str, stamp: dict, needs_adalora_state: bool, is_main: bool) -> Resume:

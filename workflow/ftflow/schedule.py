@@ -30,7 +30,15 @@ def per_process_batch(per_device: int, accumulation: int, processes: int) -> tup
     return share // accumulation_steps, accumulation_steps
 
 
-def optimizer_steps(train_rows: int, per_device_batch: int, accumulation: int, epochs: float, max_steps: int, processes: int = 1, drop_last: bool = False) -> int:
+def optimizer_steps(
+    train_rows: int,
+    per_device_batch: int,
+    accumulation: int,
+    epochs: float,
+    max_steps: int,
+    processes: int = 1,
+    drop_last: bool = False,
+) -> int:
     """Optimizer steps HF Trainer takes: max_steps when set, else epochs x ceil(batches / accumulation)."""
     if max_steps and max_steps > 0:
         return int(max_steps)

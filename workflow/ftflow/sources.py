@@ -32,7 +32,9 @@ from .errors import FtflowError
 SPLITS = ("train", "validation", "test")
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 PEEK_ROWS = 20  # rows per file read at config time to check that columns exist
-PEEK_JSON_BYTES = 4 * 2**20  # a .json array is parsed whole (0.16-0.19 s for 3.9 MiB here); larger ones are not peeked at
+PEEK_JSON_BYTES = (
+    4 * 2**20
+)  # a .json array is parsed whole (0.16-0.19 s for 3.9 MiB here); larger ones are not peeked at
 # Held-out rows cut from train when the source has no such split and `splits` does not say.
 DEFAULT_HELD_OUT_FRACTION = 0.05
 DEFAULT_HELD_OUT_MAX_ROWS = 1000
@@ -233,7 +235,9 @@ def _load_hub(repo: str, dataset: dict) -> dict[str, list[SourceRow]]:
     try:
         if wanted:
             loaded = {
-                split: datasets.load_dataset(repo, options.get("subset"), split=hub_split, revision=options.get("revision"))
+                split: datasets.load_dataset(
+                    repo, options.get("subset"), split=hub_split, revision=options.get("revision")
+                )
                 for split, hub_split in wanted.items()
             }
         else:
@@ -276,8 +280,12 @@ def _load_modelscope(repo: str, dataset: dict) -> dict[str, list[SourceRow]]:
         try:
             loaded = MsDataset.load(repo, **kwargs)
         except Exception as err:
-            raise FtflowError(f"datasets.{name}.source: cannot load ModelScope dataset {repo!r} split {ms_split!r}: {err}") from err
-        out[split] = [SourceRow(f"modelscope:{repo} {split} row {i}", dict(values)) for i, values in enumerate(loaded, start=1)]
+            raise FtflowError(
+                f"datasets.{name}.source: cannot load ModelScope dataset {repo!r} split {ms_split!r}: {err}"
+            ) from err
+        out[split] = [
+            SourceRow(f"modelscope:{repo} {split} row {i}", dict(values)) for i, values in enumerate(loaded, start=1)
+        ]
     return out
 
 
@@ -364,12 +372,13 @@ def cut_splits(splits: dict[str, list], settings: dict | None, name: str) -> tup
     """
     settings = dict(settings or {})
     if "train" not in splits:
-        raise FtflowError(f"datasets.{name}.source: the source has no train split (it has {', '.join(splits) or 'none'})")
+        raise FtflowError(
+            f"datasets.{name}.source: the source has no train split (it has {', '.join(splits) or 'none'})"
+        )
     for split in ("validation", "test"):
         if split in splits and split in settings:
             raise FtflowError(
-                f"datasets.{name}.splits.{split}: the source has its own {split} split; "
-                f"remove splits.{split} to use it"
+                f"datasets.{name}.splits.{split}: the source has its own {split} split; remove splits.{split} to use it"
             )
     missing = [s for s in ("validation", "test") if s not in splits]
     if not missing:

@@ -56,7 +56,9 @@ class Fit:
     label_tokens_this_run: int
 
 
-def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str, out_dir: str, adapter_dir: str | None = None) -> dict:
+def train_stage(
+    config_path: str, stage_name: str, base_dir: str, data_dir: str, out_dir: str, adapter_dir: str | None = None
+) -> dict:
     experiment = ExperimentSpec.read(config_path)
     stage = stage_of(experiment, stage_name)
     metrics_path = os.path.join(out_dir, METRICS_FILE)
@@ -70,8 +72,14 @@ def train_stage(config_path: str, stage_name: str, base_dir: str, data_dir: str,
     device = set_up_device(stage, experiment.name)
     train_data, eval_data = load_training_data(data_dir, stage, experiment.name)
     checkpoints_dir, tb_dir = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "tb")
-    args = build_training_arguments(stage.training, stage.packing, checkpoints_dir, eval_data is not None, f"{experiment.name}/{stage.name}", device)
-    total_step = adalora.check_schedule(experiment.name, stage, len(train_data), args) if stage.method_info.needs_total_step else None
+    args = build_training_arguments(
+        stage.training, stage.packing, checkpoints_dir, eval_data is not None, f"{experiment.name}/{stage.name}", device
+    )
+    total_step = (
+        adalora.check_schedule(experiment.name, stage, len(train_data), args)
+        if stage.method_info.needs_total_step
+        else None
+    )
     set_seed(args.seed)  # the adapter's initial weights come from the seed
     model, tokenizer, parameters = setup_for_training(stage, base_dir, adapter_dir, device, total_step)
     # Rank 0 clears stale checkpoints first; the other processes then find the same checkpoint.
@@ -121,7 +129,10 @@ def upstream_problem(base_dir: str, adapter_dir: str | None) -> dict | None:
         # The adapter folder sits in its stage's folder, beside that stage's metrics.
         previous = read_json(os.path.join(stage_dir_of(os.path.abspath(adapter_dir)), METRICS_FILE))
         if previous["status"] != "ok":
-            return {"status": previous["status"], "reason": f"the adapter of stage {previous['stage']!r} is {previous['status']}"}
+            return {
+                "status": previous["status"],
+                "reason": f"the adapter of stage {previous['stage']!r} is {previous['status']}",
+            }
     return None
 
 
@@ -144,11 +155,17 @@ def load_training_data(data_dir: str, stage: StageSpec, experiment: str):
     # Never the test split: choosing the best checkpoint on it would leak it into the scores.
     validation = load_split(data_dir, "validation", TRAINING_COLUMNS)
     if validation is None or len(validation) == 0:
-        raise StageError(experiment, stage.name, f"training.eval_strategy: dataset {stage.dataset!r} has no validation rows to evaluate on")
+        raise StageError(
+            experiment,
+            stage.name,
+            f"training.eval_strategy: dataset {stage.dataset!r} has no validation rows to evaluate on",
+        )
     return train, validation
 
 
-def build_trainer(stage: StageSpec, model, tokenizer, args, train_data, eval_data, tb_dir: str, resume: Resume, is_main: bool):
+def build_trainer(
+    stage: StageSpec, model, tokenizer, args, train_data, eval_data, tb_dir: str, resume: Resume, is_main: bool
+):
     """(FtflowTrainer with its callbacks, its DivergenceGuard); on resume, with the checkpoint's counters."""
     budget = adalora.AdaLoraBudgetCallback(model) if stage.method_info.needs_total_step else None
     callbacks: list[TrainerCallback] = []
@@ -187,9 +204,15 @@ def run_training(trainer: FtflowTrainer, resume: Resume, experiment: str, stage:
     with in_stage(experiment, stage):  # e.g. no room for a checkpoint
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
     wall = time.time() - started
-    if trainer.adalora_budget is not None and trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+    if (
+        trainer.adalora_budget is not None
+        and trainer.args.load_best_model_at_end
+        and trainer.state.best_model_checkpoint
+    ):
         # the Trainer reloaded the best checkpoint's weights; its rank pattern goes with them
-        adalora.adapter_config(trainer.model).rank_pattern = adalora.rank_pattern_of(trainer.state.best_model_checkpoint)
+        adalora.adapter_config(trainer.model).rank_pattern = adalora.rank_pattern_of(
+            trainer.state.best_model_checkpoint
+        )
     counts = sum_over_processes(
         trainer,
         trainer.tokens_seen,
@@ -213,7 +236,9 @@ def save_artifact(trainer: FtflowTrainer, tokenizer, stage: StageSpec, experimen
     info = stage.method_info
     target = os.path.join(out_dir, info.artifact)
     with in_stage(experiment, stage.name):
-        disk.require_free_space(out_dir, disk.tensor_bytes(trainer.model, trainable_only=info.adapter), f"the {info.artifact}")
+        disk.require_free_space(
+            out_dir, disk.tensor_bytes(trainer.model, trainable_only=info.adapter), f"the {info.artifact}"
+        )
     with atomic_dir(target) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -222,7 +247,16 @@ def save_artifact(trainer: FtflowTrainer, tokenizer, stage: StageSpec, experimen
 # --------------------------------------------------------------------------- train_metrics.json
 
 
-def stage_metrics(trainer: FtflowTrainer, fit: Fit, resume: Resume, stage: StageSpec, train_examples: int, parameters: dict, adapter_dir: str | None, device: str) -> dict:
+def stage_metrics(
+    trainer: FtflowTrainer,
+    fit: Fit,
+    resume: Resume,
+    stage: StageSpec,
+    train_examples: int,
+    parameters: dict,
+    adapter_dir: str | None,
+    device: str,
+) -> dict:
     """Everything train_metrics.json reports about a finished run, besides its status."""
     args, state, wall = trainer.args, trainer.state, fit.wall_seconds
     return {

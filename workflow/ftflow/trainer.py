@@ -24,7 +24,9 @@ from .loss import labelled_positions, summed_label_loss
 from .resume import PROGRESS_FILE
 
 
-def build_training_arguments(training: dict, packing: bool, output_dir: str, has_eval: bool, run_name: str, device: str) -> TrainingArguments:
+def build_training_arguments(
+    training: dict, packing: bool, output_dir: str, has_eval: bool, run_name: str, device: str
+) -> TrainingArguments:
     """A stage's `training` section as TrainingArguments, with what ftflow sets itself."""
     # With k data-parallel processes each takes 1/k of the configured effective batch (launch.py).
     values = data_parallel_training_values(dict(training), int(os.environ.get("WORLD_SIZE", "1")))
@@ -74,7 +76,11 @@ class FtflowTrainer(Trainer):
         loss = summed_label_loss(model, {k: v for k, v in inputs.items() if k != "labels"}, targets, keep)
         if num_items_in_batch is not None:
             self.loss_is_scaled_for_ga = True
-            loss = loss / num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else loss / num_items_in_batch
+            loss = (
+                loss / num_items_in_batch.to(loss.device)
+                if torch.is_tensor(num_items_in_batch)
+                else loss / num_items_in_batch
+            )
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 # num_items_in_batch counts every process's tokens and DDP averages the
                 # gradients over processes: scale back up, as Trainer.compute_loss does.
@@ -85,7 +91,9 @@ class FtflowTrainer(Trainer):
         if self.orthogonality_weight > 0:
             penalty = self.orthogonality_weight * adalora.orthogonality_penalty(model)
             # once per optimizer step, whatever the number of micro-batches it is spread over
-            loss = loss + (penalty / self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else penalty)
+            loss = loss + (
+                penalty / self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else penalty
+            )
         return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -104,7 +112,10 @@ class FtflowTrainer(Trainer):
             # Written before the Trainer's trainer_state.json, which marks the checkpoint complete.
             if self.adalora_budget is not None:
                 self.adalora_budget.save_state(output_dir)
-            write_json(os.path.join(output_dir, PROGRESS_FILE), {"tokens": self.tokens_seen, "label_tokens": self.label_tokens_seen})
+            write_json(
+                os.path.join(output_dir, PROGRESS_FILE),
+                {"tokens": self.tokens_seen, "label_tokens": self.label_tokens_seen},
+            )
 
     def restore_progress(self, checkpoint: str) -> None:
         """Counters as they were at `checkpoint` (see save_model)."""
@@ -149,7 +160,9 @@ class DivergenceGuard(TrainerCallback):
         else:
             start = sum(self.start_losses) / len(self.start_losses)
             if loss > self.factor * start:
-                self.reason = f"loss {loss:.4g} at step {state.global_step} exceeds {self.factor:g} x starting loss {start:.4g}"
+                self.reason = (
+                    f"loss {loss:.4g} at step {state.global_step} exceeds {self.factor:g} x starting loss {start:.4g}"
+                )
         if self.reason:
             control.should_training_stop = True
             control.should_save = False

@@ -68,18 +68,34 @@ def container_image(raw: dict, workdir: str, required: bool) -> str | None:
     image = raw.get("container")
     if not image:
         if required:
-            raise ConfigError("container", "--use-apptainer is given but no image is configured", "set container: to a .sif path or a docker:// URI")
+            raise ConfigError(
+                "container",
+                "--use-apptainer is given but no image is configured",
+                "set container: to a .sif path or a docker:// URI",
+            )
         return None
     if "://" in image:
         scheme = image.split("://", 1)[0]
         if scheme not in IMAGE_SCHEMES:
-            raise ConfigError("container", f"unknown image scheme {scheme!r}", f"use a local .sif file or one of {', '.join(s + '://' for s in IMAGE_SCHEMES)}")
+            raise ConfigError(
+                "container",
+                f"unknown image scheme {scheme!r}",
+                f"use a local .sif file or one of {', '.join(s + '://' for s in IMAGE_SCHEMES)}",
+            )
         return image
     path = os.path.abspath(os.path.join(workdir, os.path.expanduser(image)))
     if not path.endswith(".sif"):
-        raise ConfigError("container", f"{image!r} is neither a .sif file nor an image URI", "build one with `make container` or use docker://...")
+        raise ConfigError(
+            "container",
+            f"{image!r} is neither a .sif file nor an image URI",
+            "build one with `make container` or use docker://...",
+        )
     if required and not os.path.isfile(path):
-        raise ConfigError("container", f"no image at {path}", "build it with `make container`, or point container: at an existing .sif")
+        raise ConfigError(
+            "container",
+            f"no image at {path}",
+            "build it with `make container`, or point container: at an existing .sif",
+        )
     return path
 
 

@@ -91,7 +91,17 @@ def planned_job_counts(output: str) -> dict[str, int]:
 
 def _resolve(folder: str, configfile: str) -> tuple[float, float, int]:
     """(command wall seconds, resolution seconds it reports, experiments) of `ftflow resolve --json`."""
-    command = [sys.executable, "-m", "ftflow", "resolve", "--configfile", configfile, "--json", "--results", os.path.join(folder, "results")]
+    command = [
+        sys.executable,
+        "-m",
+        "ftflow",
+        "resolve",
+        "--configfile",
+        configfile,
+        "--json",
+        "--results",
+        os.path.join(folder, "results"),
+    ]
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=folder, timeout=600)
     wall = time.perf_counter() - started
@@ -104,7 +114,11 @@ def _resolve(folder: str, configfile: str) -> tuple[float, float, int]:
 def _floor_seconds(folder: str, chains: int) -> float:
     snakefile = os.path.join(folder, "Snakefile")
     Path(snakefile).write_text(FLOOR_SNAKEFILE.format(chains=chains))
-    seconds, _ = run_snakemake([snakemake_binary(), "-s", snakefile, "--directory", folder, "-n", "--cores", "1"], "the trivial-DAG dry run", cwd=folder)
+    seconds, _ = run_snakemake(
+        [snakemake_binary(), "-s", snakefile, "--directory", folder, "-n", "--cores", "1"],
+        "the trivial-DAG dry run",
+        cwd=folder,
+    )
     return seconds
 
 
@@ -121,13 +135,19 @@ def bench_dag(configfile: str, settings, log=print) -> dict:
             first, output = run_snakemake(command, f"the {size}-experiment dry run")
             jobs = planned_job_counts(output)
             if jobs.get("train", 0) != size:
-                raise FtflowError(f"bench: the {size}-experiment dry run planned {jobs.get('train', 0)} train jobs, not {size}")
+                raise FtflowError(
+                    f"bench: the {size}-experiment dry run planned {jobs.get('train', 0)} train jobs, not {size}"
+                )
             again = [run_snakemake(command, f"the {size}-experiment dry run")[0] for _ in range(settings.dag_repeats)]
             wall, own, experiments = _resolve(folder, config_path)
             key = str(size)
             seconds[key] = round(first, 3)
             repeats[key] = round(statistics.median(again), 3) if again else None
-            resolve[key] = {"command_seconds": round(wall, 3), "resolve_seconds": round(own, 4), "experiments": experiments}
+            resolve[key] = {
+                "command_seconds": round(wall, 3),
+                "resolve_seconds": round(own, 4),
+                "experiments": experiments,
+            }
             counts[key] = jobs.get("total", sum(v for k, v in jobs.items() if k != "total"))
             log(f"dag {size}: snakemake -n {first:.2f} s ({counts[key]} jobs), ftflow resolve {wall:.2f} s")
         if not settings.quick:
@@ -136,7 +156,14 @@ def bench_dag(configfile: str, settings, log=print) -> dict:
             os.makedirs(folder)
             floor = {"jobs": 3 * largest + 1, "seconds": round(_floor_seconds(folder, largest), 3)}
             log(f"dag floor: trivial {floor['jobs']}-job dry run {floor['seconds']:.2f} s")
-    return {"seconds": seconds, "repeat_seconds": repeats, "jobs": counts, "resolve": resolve, "floor": floor or None, "growth": growth(seconds)}
+    return {
+        "seconds": seconds,
+        "repeat_seconds": repeats,
+        "jobs": counts,
+        "resolve": resolve,
+        "floor": floor or None,
+        "growth": growth(seconds),
+    }
 
 
 def growth(seconds: dict[str, float]) -> dict:
@@ -150,7 +177,10 @@ def growth(seconds: dict[str, float]) -> dict:
     for small, large in zip(sizes, sizes[1:]):
         marginal[f"{small}-{large}"] = round((seconds[str(large)] - seconds[str(small)]) / (large - small), 5)
     values = list(marginal.values())
-    out = {"marginal_seconds_per_experiment": marginal, "largest_over_smallest": round(seconds[str(sizes[-1])] / seconds[str(sizes[0])], 3)}
+    out = {
+        "marginal_seconds_per_experiment": marginal,
+        "largest_over_smallest": round(seconds[str(sizes[-1])] / seconds[str(sizes[0])], 3),
+    }
     if len(values) >= 2 and values[0] > 0:
         out["marginal_ratio"] = round(values[-1] / values[0], 3)
     return out

@@ -27,7 +27,9 @@ def _prompts(data_dir: str, split: str, count: int | None) -> list[list[int]]:
         raise FtflowError(f"bench: {data_dir} has no {split} split to generate for")
     data = load_from_disk(path)
     if "prompt_ids" not in data.column_names:
-        raise FtflowError(f"bench: the {split} split of {data_dir} has no prompts (kind 'text' data cannot be generated for)")
+        raise FtflowError(
+            f"bench: the {split} split of {data_dir} has no prompts (kind 'text' data cannot be generated for)"
+        )
     if count is not None:
         data = data.select(range(min(count, len(data))))
     return [list(p) for p in data["prompt_ids"]]
@@ -39,7 +41,15 @@ def _greedy_kwargs(tokenizer, model, spec: dict) -> dict:
     stops = stop_token_ids(tokenizer, model.generation_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     # a model's generation_config may ask for sampling; greedy decoding ignores those settings
-    return dict(max_new_tokens=spec["max_new_tokens"], do_sample=False, eos_token_id=stops, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    return dict(
+        max_new_tokens=spec["max_new_tokens"],
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
 
 def _cut(new: list[int], stops: list[int]) -> list[int]:
@@ -106,7 +116,13 @@ def compare_generation(inputs, settings, run_task, log=print) -> dict:
     for round_index in range(settings.generation_rounds):
         order = ("one_at_a_time", "batched") if round_index % 2 == 0 else ("batched", "one_at_a_time")
         for side in order:
-            run = run_task(f"generate.{side}", model_dir=inputs.eval_model_dir, data_dir=inputs.eval_data_dir, spec=spec, examples=examples)
+            run = run_task(
+                f"generate.{side}",
+                model_dir=inputs.eval_model_dir,
+                data_dir=inputs.eval_data_dir,
+                spec=spec,
+                examples=examples,
+            )
             log(f"generate {side} round {round_index + 1}: {run['examples_per_second']:.2f} examples/s")
             runs[side].append(run)
     single, batched = runs["one_at_a_time"][0]["outputs"], runs["batched"][0]["outputs"]

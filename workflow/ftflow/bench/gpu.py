@@ -72,7 +72,9 @@ def random_qwen3(folder: str, tokenizer_dir: str, sizes: dict | None = None) -> 
     return folder
 
 
-def bench_gpu(inputs, settings, run_task, requested: bool, log=print, device: str = "cuda", sizes: dict | None = None) -> dict:
+def bench_gpu(
+    inputs, settings, run_task, requested: bool, log=print, device: str = "cuda", sizes: dict | None = None
+) -> dict:
     """The training comparison per method on the Qwen3-0.6B shape, bf16; or why it was skipped.
 
     `device` and `sizes` exist so the same code can be exercised on a CPU with a tiny shape.
@@ -80,13 +82,32 @@ def bench_gpu(inputs, settings, run_task, requested: bool, log=print, device: st
     reason = skip_reason(requested) if device == "cuda" else None
     if reason:
         return {"skipped": reason}
-    model_dir = random_qwen3(os.path.join(inputs.work, "gpu", "qwen3-0.6b-random" if sizes is None else "qwen3-tiny-random"), inputs.model_dir, sizes)
-    peak = matmul_peak(size=8192 if device == "cuda" else settings.matmul_size, repeats=settings.matmul_repeats, dtype="bfloat16", device=device)
+    model_dir = random_qwen3(
+        os.path.join(inputs.work, "gpu", "qwen3-0.6b-random" if sizes is None else "qwen3-tiny-random"),
+        inputs.model_dir,
+        sizes,
+    )
+    peak = matmul_peak(
+        size=8192 if device == "cuda" else settings.matmul_size,
+        repeats=settings.matmul_repeats,
+        dtype="bfloat16",
+        device=device,
+    )
     steps = GPU_STEPS if device == "cuda" else settings.train_steps
     gpu_settings = dataclasses.replace(settings, train_steps=steps)
-    runs = compare_training(inputs, gpu_settings, run_task, methods=GPU_METHODS, device=device, model_dir=model_dir, bf16=True, log=log)
+    runs = compare_training(
+        inputs, gpu_settings, run_task, methods=GPU_METHODS, device=device, model_dir=model_dir, bf16=True, log=log
+    )
     training = summarize_training(runs, peak["gflops"])
     memory = {
-        method: {side: result[side].get("peak_gpu_mb") for side in ("baseline", "ftflow")} for method, result in training.items()
+        method: {side: result[side].get("peak_gpu_mb") for side in ("baseline", "ftflow")}
+        for method, result in training.items()
     }
-    return {"model": "Qwen3-0.6B architecture, random weights, bf16", "device": device, "matmul_peak": peak, "steps": steps, "train": training, "peak_gpu_mb": memory}
+    return {
+        "model": "Qwen3-0.6B architecture, random weights, bf16",
+        "device": device,
+        "matmul_peak": peak,
+        "steps": steps,
+        "train": training,
+        "peak_gpu_mb": memory,
+    }

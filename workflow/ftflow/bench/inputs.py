@@ -42,9 +42,28 @@ class BenchSettings:
     @classmethod
     def for_mode(cls, quick: bool) -> "BenchSettings":
         if quick:
-            return cls(True, train_steps=2, train_rounds=1, generation_examples=4, generation_rounds=1, dag_sizes=(10, 100, 500), dag_repeats=0, tokenize_rows=64, matmul_repeats=3)
+            return cls(
+                True,
+                train_steps=2,
+                train_rounds=1,
+                generation_examples=4,
+                generation_rounds=1,
+                dag_sizes=(10, 100, 500),
+                dag_repeats=0,
+                tokenize_rows=64,
+                matmul_repeats=3,
+            )
         # About 10-15 minutes on an idle 2-core CPU; most of it is the padded baseline.
-        return cls(False, train_steps=6, train_rounds=2, generation_examples=None, generation_rounds=1, dag_sizes=(10, 100, 500), dag_repeats=2, tokenize_rows=2000)
+        return cls(
+            False,
+            train_steps=6,
+            train_rounds=2,
+            generation_examples=None,
+            generation_rounds=1,
+            dag_sizes=(10, 100, 500),
+            dag_repeats=2,
+            tokenize_rows=2000,
+        )
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,9 @@ def pick_experiment(plan):
     for exp in plan.experiments.values():
         if not exp.baseline and len(exp.stages) == 1 and exp.stages[0].method == "lora":
             return exp
-    raise FtflowError("bench: the config has no experiment trained in one LoRA stage; the training benchmark starts from one")
+    raise FtflowError(
+        "bench: the config has no experiment trained in one LoRA stage; the training benchmark starts from one"
+    )
 
 
 def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> BenchInputs:
@@ -136,7 +157,9 @@ def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> Bench
     merged = f"results/{exp.name}/{stage.name}/merged"
     targets = sorted({f"results/data/{stage.data_id}", f"results/data/{exp.eval.data_id}", merged})
     command = snakemake_command(work, local_config, smoke, "--cores", str(cores), *targets)
-    seconds, _ = run_snakemake(command, f"preparing {exp.model}, tokenizing {stage.dataset} and training {exp.name} in {work}")
+    seconds, _ = run_snakemake(
+        command, f"preparing {exp.model}, tokenizing {stage.dataset} and training {exp.name} in {work}"
+    )
     return BenchInputs(
         work=work,
         configfile=local_config,

@@ -81,7 +81,9 @@ def _shortfalls(results: dict) -> list[str]:
     if "dag.seconds.500" in missed:
         d = results["dag"]
         floor = f"; a trivial Snakefile with as many jobs takes {d['floor']['seconds']:.1f} s" if d.get("floor") else ""
-        notes.append(f"- dry run: {d['seconds']['500']:.1f} s for 500 experiments, of which ftflow's own resolution is {d['resolve']['500']['resolve_seconds']:.2f} s{floor}.")
+        notes.append(
+            f"- dry run: {d['seconds']['500']:.1f} s for 500 experiments, of which ftflow's own resolution is {d['resolve']['500']['resolve_seconds']:.2f} s{floor}."
+        )
     return notes + [""] if notes else []
 
 
@@ -107,7 +109,19 @@ def _training(results: dict) -> list[str]:
                     _pct(s["executed_efficiency"]),
                 ]
             )
-    header = ["method", "side", "useful tokens/s", "real tokens/s", "pad fraction", "timed s", "CPU s", "wall s", "peak RSS MB", "compute efficiency", "executed efficiency"]
+    header = [
+        "method",
+        "side",
+        "useful tokens/s",
+        "real tokens/s",
+        "pad fraction",
+        "timed s",
+        "CPU s",
+        "wall s",
+        "peak RSS MB",
+        "compute efficiency",
+        "executed efficiency",
+    ]
     lines += _table(header, rows)
     for method in ("lora", "full"):
         r = train[method]
@@ -162,8 +176,18 @@ def _packing(results: dict) -> list[str]:
 def _generation(results: dict) -> list[str]:
     e = results["eval"]
     rows = [
-        ["one prompt at a time", _num(e["one_at_a_time"]["examples_per_second"], 3), _num(e["one_at_a_time"]["seconds"]), _num(e["one_at_a_time"]["new_tokens"])],
-        [f"ftflow batched (batch {e['batch_size']})", _num(e["batched"]["examples_per_second"], 3), _num(e["batched"]["seconds"]), _num(e["batched"]["new_tokens"])],
+        [
+            "one prompt at a time",
+            _num(e["one_at_a_time"]["examples_per_second"], 3),
+            _num(e["one_at_a_time"]["seconds"]),
+            _num(e["one_at_a_time"]["new_tokens"]),
+        ],
+        [
+            f"ftflow batched (batch {e['batch_size']})",
+            _num(e["batched"]["examples_per_second"], 3),
+            _num(e["batched"]["seconds"]),
+            _num(e["batched"]["new_tokens"]),
+        ],
     ]
     return _table(["decoding", "examples/s", "seconds", "new tokens"], rows) + [
         f"**{e['speedup']:.2f}x** examples/s; **{e['identical']} of {e['examples']}** answers identical token for token "
@@ -180,20 +204,54 @@ def _dag(results: dict) -> list[str]:
     rows = []
     for size, seconds in d["seconds"].items():
         resolve = d["resolve"][size]
-        rows.append([f"{resolve['experiments']:,}", _num(d["jobs"][size]), _num(seconds), _num(d["repeat_seconds"][size]), _num(resolve["command_seconds"]), _num(resolve["resolve_seconds"], 3)])
-    lines = _table(["experiments", "jobs", "`snakemake -n` first run, s", "repeat, s", "`ftflow resolve`, s", "of which resolving, s"], rows)
+        rows.append(
+            [
+                f"{resolve['experiments']:,}",
+                _num(d["jobs"][size]),
+                _num(seconds),
+                _num(d["repeat_seconds"][size]),
+                _num(resolve["command_seconds"]),
+                _num(resolve["resolve_seconds"], 3),
+            ]
+        )
+    lines = _table(
+        [
+            "experiments",
+            "jobs",
+            "`snakemake -n` first run, s",
+            "repeat, s",
+            "`ftflow resolve`, s",
+            "of which resolving, s",
+        ],
+        rows,
+    )
     growth = d["growth"]
     marginal = ", ".join(f"{k}: {v * 1000:.1f} ms" for k, v in growth["marginal_seconds_per_experiment"].items())
-    lines.append(f"Marginal cost per experiment between sizes: {marginal}" + (f" (ratio {growth['marginal_ratio']:.2f}: 1 is linear)." if "marginal_ratio" in growth else "."))
+    lines.append(
+        f"Marginal cost per experiment between sizes: {marginal}"
+        + (f" (ratio {growth['marginal_ratio']:.2f}: 1 is linear)." if "marginal_ratio" in growth else ".")
+    )
     if d.get("floor"):
-        lines.append(f"Floor: a trivial Snakefile with {d['floor']['jobs']:,} jobs (3 chained `touch` rules) takes {d['floor']['seconds']:.2f} s to dry-run.")
+        lines.append(
+            f"Floor: a trivial Snakefile with {d['floor']['jobs']:,} jobs (3 chained `touch` rules) takes {d['floor']['seconds']:.2f} s to dry-run."
+        )
     lines += ["The first run of each size writes every experiment's config.json; repeats find them unchanged.", ""]
     return lines
 
 
 def _tokenization(results: dict) -> list[str]:
     t = results["tokenize"]
-    rows = [[kind, _num(k["rows"]), _num(k["tokens"]), _num(k["seconds"]), _num(k["rows_per_second"], 0), _num(k["tokens_per_second"], 0)] for kind, k in t["kinds"].items()]
+    rows = [
+        [
+            kind,
+            _num(k["rows"]),
+            _num(k["tokens"]),
+            _num(k["seconds"]),
+            _num(k["rows_per_second"], 0),
+            _num(k["tokens_per_second"], 0),
+        ]
+        for kind, k in t["kinds"].items()
+    ]
     hit = t["cache_hit"]
     return _table(["kind", "rows", "tokens", "seconds", "rows/s", "tokens/s"], rows) + [
         "One process (`num_proc` 1), the same generated rows for every kind, the embedded tokenizer; seconds include reading the "
@@ -208,15 +266,30 @@ def _tokenization(results: dict) -> list[str]:
 def _gpu(results: dict) -> list[str]:
     g = results["gpu"]
     if g.get("skipped"):
-        return [f"Not measured: {g['skipped']}. With CUDA, `ftflow bench --gpu` trains a random-initialised Qwen3-0.6B-shaped model in bf16 "
-                "(full, LoRA, QLoRA; padded recipe vs ftflow) and reports useful tokens/s and peak GPU memory.", ""]
+        return [
+            f"Not measured: {g['skipped']}. With CUDA, `ftflow bench --gpu` trains a random-initialised Qwen3-0.6B-shaped model in bf16 "
+            "(full, LoRA, QLoRA; padded recipe vs ftflow) and reports useful tokens/s and peak GPU memory.",
+            "",
+        ]
     rows = []
     for method, r in g["train"].items():
         for side in ("baseline", "ftflow"):
             s = r[side]
-            rows.append([method, side, _num(s["useful_tokens_per_second"], 0), _pct(s["pad_fraction"]), _num(s.get("peak_gpu_mb"), 0), _pct(s["compute_efficiency"])])
+            rows.append(
+                [
+                    method,
+                    side,
+                    _num(s["useful_tokens_per_second"], 0),
+                    _pct(s["pad_fraction"]),
+                    _num(s.get("peak_gpu_mb"), 0),
+                    _pct(s["compute_efficiency"]),
+                ]
+            )
         rows.append([method, "speedup", f"{r['speedup']:.2f}x", "", "", ""])
-    return [f"{g['model']} on {results['machine'].get('gpu', g['device'])}; bf16 matmul peak {g['matmul_peak']['gflops']:,.0f} GFLOP/s; {g['steps']} steps per run.", ""] + _table(
+    return [
+        f"{g['model']} on {results['machine'].get('gpu', g['device'])}; bf16 matmul peak {g['matmul_peak']['gflops']:,.0f} GFLOP/s; {g['steps']} steps per run.",
+        "",
+    ] + _table(
         ["method", "side", "useful tokens/s", "pad fraction", "peak GPU MB", "compute efficiency (bf16 peak)"], rows
     )
 
@@ -234,9 +307,15 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     if results["quick"]:
-        lines += ["**Quick mode** (CI): the tiny random stand-in model, a few steps and rows, every side in one process. These numbers check that the benchmark runs; they say nothing about speed.", ""]
+        lines += [
+            "**Quick mode** (CI): the tiny random stand-in model, a few steps and rows, every side in one process. These numbers check that the benchmark runs; they say nothing about speed.",
+            "",
+        ]
     lines += ["## Targets", ""] + _targets(results) + _shortfalls(results)
-    lines += [f"## Training throughput: {results['inputs']['model']} ({results['inputs']['experiment']}'s data and settings)", ""] + _training(results)
+    lines += [
+        f"## Training throughput: {results['inputs']['model']} ({results['inputs']['experiment']}'s data and settings)",
+        "",
+    ] + _training(results)
     lines += ["## Packed vs padded batches", ""] + _packing(results)
     lines += ["## Generation for eval (test split)", ""] + _generation(results)
     lines += ["## Workflow overhead", ""] + _dag(results)

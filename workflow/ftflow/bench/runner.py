@@ -1,7 +1,7 @@
 """`ftflow bench`: run every benchmark in one process tree and write results.json and results.md.
 
-    machine peak -> inputs -> training -> machine peak again -> generation
-    -> workflow overhead -> tokenization -> GPU (or why not) -> targets -> write
+machine peak -> inputs -> training -> machine peak again -> generation
+-> workflow overhead -> tokenization -> GPU (or why not) -> targets -> write
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def check_targets(results: dict) -> list[dict]:
     for path, goal, direction, meaning in TARGETS:
         value = lookup(results, path)
         met = value >= goal if direction == "at least" else value <= goal
-        rows.append({"key": path, "goal": goal, "direction": direction, "value": value, "met": bool(met), "meaning": meaning})
+        rows.append(
+            {"key": path, "goal": goal, "direction": direction, "value": value, "met": bool(met), "meaning": meaning}
+        )
     return rows
 
 
@@ -47,7 +49,9 @@ def machine_info() -> dict:
     info = device_info()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+            info["cpu"] = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None
+            )
         with open("/proc/meminfo", encoding="utf-8") as handle:
             kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
             info["memory_gib"] = round(kib / 2**20, 1)
@@ -76,7 +80,9 @@ def load_average() -> list[float] | None:
         return None
 
 
-def run_bench(out: str, work: str, configfile: str, quick: bool, gpu: bool, cores: int, command: str, log=print) -> dict:
+def run_bench(
+    out: str, work: str, configfile: str, quick: bool, gpu: bool, cores: int, command: str, log=print
+) -> dict:
     from transformers.utils import logging as hf_logging
 
     from . import dag, generation, tokenization, train_throughput
@@ -98,11 +104,16 @@ def run_bench(out: str, work: str, configfile: str, quick: bool, gpu: bool, core
         "settings": dataclasses.asdict(settings),
     }
     inputs = prepare_inputs(work, configfile, smoke=quick, cores=cores)
-    log(f"inputs: {inputs.model_dir} ({'tiny stand-in' if quick else 'embedded model'}), {inputs.data_dir}; setup {inputs.setup_seconds:.1f} s")
+    log(
+        f"inputs: {inputs.model_dir} ({'tiny stand-in' if quick else 'embedded model'}), {inputs.data_dir}; setup {inputs.setup_seconds:.1f} s"
+    )
     peaks = [matmul_peak(settings.matmul_size, settings.matmul_repeats, device="cpu")]
     log(f"fp32 matmul peak: {peaks[0]['gflops']:.1f} GFLOP/s")
     results["inputs"] = {k: v for k, v in inputs.to_json().items() if k not in ("stage", "eval")}
-    results["inputs"]["training"] = {k: inputs.stage["training"].get(k) for k in ("per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps")}
+    results["inputs"]["training"] = {
+        k: inputs.stage["training"].get(k)
+        for k in ("per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps")
+    }
     results["inputs"]["lora"] = inputs.stage["lora"]
 
     runs = train_throughput.compare_training(inputs, settings, run_task, log=log)
@@ -115,7 +126,10 @@ def run_bench(out: str, work: str, configfile: str, quick: bool, gpu: bool, core
 
     results["eval"] = generation.compare_generation(inputs, settings, run_task, log=log)
     results["dag"] = dag.bench_dag(inputs.configfile, settings, log=log)
-    results["tokenize"] = {"kinds": tokenization.bench_kinds(inputs, settings, log=log), "cache_hit": tokenization.bench_cache_hit(inputs)}
+    results["tokenize"] = {
+        "kinds": tokenization.bench_kinds(inputs, settings, log=log),
+        "cache_hit": tokenization.bench_cache_hit(inputs),
+    }
     results["gpu"] = bench_gpu(inputs, settings, run_task, requested=gpu, log=log)
 
     results["targets"] = check_targets(results)

@@ -49,7 +49,12 @@ def _write_rows(folder: str, rows: int) -> dict[str, str]:
 def _config(model: str, model_spec: dict, paths: dict[str, str], max_length: int) -> dict:
     datasets = {
         "bench-chat": {"source": paths["chat"], "kind": "chat", "max_length": max_length},
-        "bench-instruction": {"source": paths["instruction"], "kind": "instruction", "template": "{question}\n{answer}", "max_length": max_length},
+        "bench-instruction": {
+            "source": paths["instruction"],
+            "kind": "instruction",
+            "template": "{question}\n{answer}",
+            "max_length": max_length,
+        },
         "bench-text": {"source": paths["text"], "kind": "text", "max_length": max_length},
     }
     return {
@@ -85,7 +90,12 @@ def bench_kinds(inputs, settings, log=print) -> dict:
         for data_id, data in sorted(plan.data.items(), key=lambda item: KINDS.index(item[1].dataset.kind)):
             kind = data.dataset.kind
             started = time.perf_counter()
-            stats = tokenize(os.path.join(results, "data", data_id + ".json"), os.path.join(results, "data", data_id), workdir=tmp, num_proc=1)
+            stats = tokenize(
+                os.path.join(results, "data", data_id + ".json"),
+                os.path.join(results, "data", data_id),
+                workdir=tmp,
+                num_proc=1,
+            )
             seconds = time.perf_counter() - started
             splits = stats["splits"].values()
             rows = sum(s["rows_in"] for s in splits)
@@ -109,9 +119,13 @@ def bench_cache_hit(inputs) -> dict:
     target = os.path.relpath(inputs.data_dir, inputs.work)
     out = {}
     for name, args in (("run_seconds", ("--cores", "2")), ("dry_run_seconds", ("-n", "--cores", "2"))):
-        seconds, output = run_snakemake(snakemake_command(inputs.work, inputs.configfile, inputs.smoke, *args, target), "the cache-hit run")
+        seconds, output = run_snakemake(
+            snakemake_command(inputs.work, inputs.configfile, inputs.smoke, *args, target), "the cache-hit run"
+        )
         if NOTHING_TO_DO not in output or "rule tokenize" in output:
-            raise FtflowError(f"bench: re-running snakemake for {target} planned jobs; a tokenization cache hit should plan none:\n{output[-3000:]}")
+            raise FtflowError(
+                f"bench: re-running snakemake for {target} planned jobs; a tokenization cache hit should plan none:\n{output[-3000:]}"
+            )
         out[name] = round(seconds, 3)
     stats = read_json(os.path.join(inputs.data_dir, "stats.json"))
     out["tokenize_job_seconds"] = stats.get("seconds")  # what the miss cost when the folder was made

@@ -54,7 +54,9 @@ def _examples(data_dir: str, count: int):
 
     train = load_from_disk(os.path.join(data_dir, "train"))
     if len(train) < count:
-        raise FtflowError(f"bench: the train split of {data_dir} has {len(train)} examples; the run needs {count} (fewer steps, or more rows)")
+        raise FtflowError(
+            f"bench: the train split of {data_dir} has {len(train)} examples; the run needs {count} (fewer steps, or more rows)"
+        )
     return train.select(range(count))
 
 
@@ -89,7 +91,18 @@ class StepClock(TrainerCallback):
         return [round(end - start, 3) for start, end in zip([self.started] + self.ends, self.ends)]
 
 
-def _measure(trainer, clock, method: str, weights: dict, per_step: int, lengths, useful, positions_per_example, logits_per_example, device: str) -> dict:
+def _measure(
+    trainer,
+    clock,
+    method: str,
+    weights: dict,
+    per_step: int,
+    lengths,
+    useful,
+    positions_per_example,
+    logits_per_example,
+    device: str,
+) -> dict:
     """Run trainer.train() and count what the timed steps (all but the first) did."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -139,7 +152,19 @@ def _shared_arguments(stage: dict) -> dict:
 # --------------------------------------------------------------------------- the two sides (worker side)
 
 
-def run_baseline_recipe(model_dir: str, data_dir: str, data_spec: str, workdir: str, stage: dict, method: str, steps: int, max_length: int, out_dir: str, device: str = "cpu", bf16: bool = False) -> dict:
+def run_baseline_recipe(
+    model_dir: str,
+    data_dir: str,
+    data_spec: str,
+    workdir: str,
+    stage: dict,
+    method: str,
+    steps: int,
+    max_length: int,
+    out_dir: str,
+    device: str = "cpu",
+    bf16: bool = False,
+) -> dict:
     """The padded recipe, on the same examples as ftflow's run (see the module docstring)."""
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -157,7 +182,9 @@ def run_baseline_recipe(model_dir: str, data_dir: str, data_spec: str, workdir: 
     # The same rows, rendered to text the way ftflow renders them (for chat: the tokenizer's chat template).
     spec = read_json(data_spec)
     if spec["kind"] == "text":
-        raise FtflowError(f"bench: dataset {spec['dataset']!r} is kind 'text'; the training comparison needs chat or instruction rows")
+        raise FtflowError(
+            f"bench: dataset {spec['dataset']!r} is kind 'text'; the training comparison needs chat or instruction rows"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -174,7 +201,8 @@ def run_baseline_recipe(model_dir: str, data_dir: str, data_spec: str, workdir: 
     )
     # the same tokens as ftflow's examples, then padding
     identical = sum(
-        list(ids[: int(sum(mask))]) == list(ref) for ids, mask, ref in zip(recipe["input_ids"], recipe["attention_mask"], examples["input_ids"])
+        list(ids[: int(sum(mask))]) == list(ref)
+        for ids, mask, ref in zip(recipe["input_ids"], recipe["attention_mask"], examples["input_ids"])
     )
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -193,7 +221,13 @@ def run_baseline_recipe(model_dir: str, data_dir: str, data_spec: str, workdir: 
         **shared,
     )
     clock = StepClock(device)
-    trainer = Trainer(model=model, args=args, train_dataset=recipe, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[clock])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=recipe,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[clock],
+    )
     padded = [max_length] * len(lengths)  # every position of every padded row is computed, logits included
     out = _measure(trainer, clock, method, linear_weights(model), per_step, lengths, useful, padded, padded, device)
     out.update(side="baseline", identical_token_examples=int(identical), examples=len(lengths))
@@ -223,7 +257,16 @@ def _recipe_model(model_dir: str, method: str, stage: dict, dtype, device: str):
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **stage["lora"]))
 
 
-def run_ftflow_path(model_dir: str, data_dir: str, stage: dict, method: str, steps: int, out_dir: str, device: str = "cpu", bf16: bool = False) -> dict:
+def run_ftflow_path(
+    model_dir: str,
+    data_dir: str,
+    stage: dict,
+    method: str,
+    steps: int,
+    out_dir: str,
+    device: str = "cpu",
+    bf16: bool = False,
+) -> dict:
     """ftflow's train path, built from the pieces `ftflow train` uses, on the same examples."""
     from transformers import set_seed
 
@@ -234,11 +277,15 @@ def run_ftflow_path(model_dir: str, data_dir: str, stage: dict, method: str, ste
     from ..trainer import DivergenceGuard, FtflowTrainer, build_training_arguments
 
     stage = _stage_for(stage, method, steps, bf16)
-    per_step = int(stage["training"]["per_device_train_batch_size"]) * int(stage["training"].get("gradient_accumulation_steps", 1))
+    per_step = int(stage["training"]["per_device_train_batch_size"]) * int(
+        stage["training"].get("gradient_accumulation_steps", 1)
+    )
     # the order of `ftflow train`: data, arguments, seed, model
     train, _ = load_training_data(data_dir, StageSpec.from_json(stage), "bench")
     if len(train) < steps * per_step:
-        raise FtflowError(f"bench: the train split of {data_dir} has {len(train)} examples; the run needs {steps * per_step}")
+        raise FtflowError(
+            f"bench: the train split of {data_dir} has {len(train)} examples; the run needs {steps * per_step}"
+        )
     train = train.select(range(steps * per_step))
     lengths, useful = _example_counts(train)
     args = build_training_arguments(stage["training"], stage["packing"], out_dir, False, "bench/ftflow", device)
@@ -246,7 +293,14 @@ def run_ftflow_path(model_dir: str, data_dir: str, stage: dict, method: str, ste
     model, tokenizer, _ = setup_for_training(StageSpec.from_json(stage), model_dir, None, device)
     clock = StepClock(device)
     collator = packing_collator() if stage["packing"] else padding_collator(tokenizer)
-    trainer = FtflowTrainer(model=model, args=args, data_collator=collator, train_dataset=train, processing_class=tokenizer, callbacks=[clock])
+    trainer = FtflowTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     trainer.add_callback(DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"]))
     # packed: each example's own tokens and nothing else; logits only where a label is
     out = _measure(trainer, clock, method, linear_weights(model), per_step, lengths, useful, lengths, useful, device)
@@ -266,7 +320,9 @@ def _stage_for(stage: dict, method: str, steps: int, bf16: bool) -> dict:
         stage["lora"] = dict(LORA_DEFAULTS)
     if method == "qlora" and not stage.get("quantization"):
         stage["quantization"] = {**QUANTIZATION_DEFAULTS, "compute_dtype": "bfloat16" if bf16 else "float32"}
-    stage["training"].update(max_steps=steps, save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential")
+    stage["training"].update(
+        max_steps=steps, save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential"
+    )
     if bf16:
         stage["training"]["bf16"] = True
     return stage
@@ -275,7 +331,16 @@ def _stage_for(stage: dict, method: str, steps: int, bf16: bool) -> dict:
 # --------------------------------------------------------------------------- the comparison (main process)
 
 
-def compare_training(inputs, settings, run_task, methods=("lora", "full"), device: str = "cpu", model_dir: str | None = None, bf16: bool = False, log=print) -> dict:
+def compare_training(
+    inputs,
+    settings,
+    run_task,
+    methods=("lora", "full"),
+    device: str = "cpu",
+    model_dir: str | None = None,
+    bf16: bool = False,
+    log=print,
+) -> dict:
     """{method: {side: [runs]}}: both sides per method, alternating which goes first each round.
 
     `run_task(task, **kwargs)` runs one side (worker.run_in_subprocess, or run_in_process for --quick).
@@ -288,12 +353,29 @@ def compare_training(inputs, settings, run_task, methods=("lora", "full"), devic
             order = ("baseline", "ftflow") if round_index % 2 == 0 else ("ftflow", "baseline")
             for side in order:
                 out_dir = os.path.join(inputs.work, "runs", f"{method}-{side}")
-                common = dict(model_dir=model_dir, data_dir=inputs.data_dir, stage=inputs.stage, method=method, steps=settings.train_steps, out_dir=out_dir, device=device, bf16=bf16)
+                common = dict(
+                    model_dir=model_dir,
+                    data_dir=inputs.data_dir,
+                    stage=inputs.stage,
+                    method=method,
+                    steps=settings.train_steps,
+                    out_dir=out_dir,
+                    device=device,
+                    bf16=bf16,
+                )
                 if side == "baseline":
-                    run = run_task("train.baseline", data_spec=inputs.data_spec, workdir=inputs.work, max_length=inputs.max_length, **common)
+                    run = run_task(
+                        "train.baseline",
+                        data_spec=inputs.data_spec,
+                        workdir=inputs.work,
+                        max_length=inputs.max_length,
+                        **common,
+                    )
                 else:
                     run = run_task("train.ftflow", **common)
-                log(f"train {method} {side} round {round_index + 1}: {run['useful_tokens_per_second']:.1f} useful tokens/s, {run['timed_seconds']:.1f} s")
+                log(
+                    f"train {method} {side} round {round_index + 1}: {run['useful_tokens_per_second']:.1f} useful tokens/s, {run['timed_seconds']:.1f} s"
+                )
                 runs[side].append(run)
         results[method] = runs
     return results

@@ -17,7 +17,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def did_you_mean(word: Any, choices: Iterable[Any], prefix: str = "") -> str | None:
-    """"did you mean 'x'?" for the choice closest to a mistyped word, or None when none is close.
+    """ "did you mean 'x'?" for the choice closest to a mistyped word, or None when none is close.
 
     `prefix` is prepended to the suggestion (a sweep's dotted key names its section too).
     """

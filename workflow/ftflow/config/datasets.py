@@ -27,8 +27,20 @@ from .checks import check_keys, check_name, did_you_mean
 from .schema import DATASET_DEFAULTS, LOSS_ON, primary_metric_choices
 
 # Dataset keys that only one kind, or one kind of source, reads.
-KIND_ONLY_KEYS = {"template": "instruction", "prompt": "instruction", "completion": "instruction", "text_column": "text", "messages_column": "chat", "chat_template": "chat"}
-SOURCE_ONLY_KEYS = {"subset": ("hub", "modelscope"), "revision": ("hub", "modelscope"), "hub_splits": ("hub", "modelscope"), "args": ("generator",)}
+KIND_ONLY_KEYS = {
+    "template": "instruction",
+    "prompt": "instruction",
+    "completion": "instruction",
+    "text_column": "text",
+    "messages_column": "chat",
+    "chat_template": "chat",
+}
+SOURCE_ONLY_KEYS = {
+    "subset": ("hub", "modelscope"),
+    "revision": ("hub", "modelscope"),
+    "hub_splits": ("hub", "modelscope"),
+    "args": ("generator",),
+}
 PEEK_FILES = 3  # files of a glob whose first rows are checked at config time
 
 
@@ -38,7 +50,9 @@ def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
     check_name(path, name, "dataset")
     check_keys(path, raw, DatasetSpec.__dataclass_fields__.keys() - {"name"})
     if "source" not in raw:
-        raise ConfigError(f"{path}.source", "missing", "a path or glob, 'hub:<id>', 'modelscope:<id>' or 'generator:<name>'")
+        raise ConfigError(
+            f"{path}.source", "missing", "a path or glob, 'hub:<id>', 'modelscope:<id>' or 'generator:<name>'"
+        )
     values = {**copy.deepcopy(DATASET_DEFAULTS), **raw}
     kind = values["kind"]
     if kind == "instruction" and not (values["template"] or (values["prompt"] and values["completion"])):
@@ -54,7 +68,9 @@ def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
     # Every kind can put the loss on all tokens, or on the part its default masks in.
     allowed_loss = tuple(v for v in LOSS_ON if v in (DEFAULT_LOSS_ON[kind], "all"))
     if loss_on is not None and loss_on not in allowed_loss:
-        raise ConfigError(f"{path}.loss_on", f"{loss_on!r} does not apply to a {kind} dataset", f"one of {', '.join(allowed_loss)}")
+        raise ConfigError(
+            f"{path}.loss_on", f"{loss_on!r} does not apply to a {kind} dataset", f"one of {', '.join(allowed_loss)}"
+        )
     _check_kind_keys(path, raw, values, kind)
     _check_splits(path, values)
     return DatasetSpec(name=name, **values)
@@ -64,7 +80,9 @@ def _check_kind_keys(path: str, raw: dict, values: dict, kind: str) -> None:
     """Keys the config sets that fit the kind, and template syntax, before any job."""
     for key, only in KIND_ONLY_KEYS.items():
         if raw.get(key) is not None and kind != only:
-            raise ConfigError(f"{path}.{key}", f"applies to {only} datasets; this one is {kind}", "remove it or set kind")
+            raise ConfigError(
+                f"{path}.{key}", f"applies to {only} datasets; this one is {kind}", "remove it or set kind"
+            )
     # Source-only keys (SOURCE_ONLY_KEYS) another source does not read are left alone, so that a
     # second config file can point a hub dataset at local files; they stay out of data_id.
     if kind != "instruction":
@@ -78,7 +96,11 @@ def _check_kind_keys(path: str, raw: dict, values: dict, kind: str) -> None:
             except ValueError as err:
                 raise ConfigError(f"{path}.{key}", f"invalid template: {err}") from None
             if key == "template" and not columns:
-                raise ConfigError(f"{path}.template", "the template has no {column} placeholder", "the completion is the text from the last placeholder on")
+                raise ConfigError(
+                    f"{path}.template",
+                    "the template has no {column} placeholder",
+                    "the completion is the text from the last placeholder on",
+                )
 
 
 def _check_splits(path: str, values: dict) -> None:
@@ -96,11 +118,16 @@ def _check_splits(path: str, values: dict) -> None:
             raise ConfigError(f"{path}.source", "the mapping has no 'train' split")
         for split in ("validation", "test"):
             if split in source and split in (values["splits"] or {}):
-                raise ConfigError(f"{path}.splits.{split}", f"the source gives its own {split} split", f"remove splits.{split}")
+                raise ConfigError(
+                    f"{path}.splits.{split}", f"the source gives its own {split} split", f"remove splits.{split}"
+                )
     hub_splits = values["hub_splits"]
     if hub_splits is not None:
         if not isinstance(hub_splits, dict) or not all(isinstance(v, str) for v in hub_splits.values()):
-            raise ConfigError(f"{path}.hub_splits", "expected a mapping of ftflow split to the source's split name, e.g. {train: train, test: test}")
+            raise ConfigError(
+                f"{path}.hub_splits",
+                "expected a mapping of ftflow split to the source's split name, e.g. {train: train, test: test}",
+            )
         for split in hub_splits:
             if split not in SPLITS:
                 raise ConfigError(f"{path}.hub_splits.{split}", "unknown split", "train, validation or test")
@@ -108,7 +135,9 @@ def _check_splits(path: str, values: dict) -> None:
             raise ConfigError(f"{path}.hub_splits", "names no 'train' split", "e.g. {train: train}")
         for split in ("validation", "test"):
             if split in hub_splits and split in (values["splits"] or {}):
-                raise ConfigError(f"{path}.splits.{split}", f"hub_splits already names a {split} split", f"remove splits.{split}")
+                raise ConfigError(
+                    f"{path}.splits.{split}", f"hub_splits already names a {split} split", f"remove splits.{split}"
+                )
 
 
 # ------------------------------------------------------------------ what changes the tokens
@@ -144,7 +173,11 @@ def template_text(template: str | None, workdir: str, path: str) -> str | None:
         return template
     file = template if os.path.isabs(template) else os.path.join(workdir, template)
     if not os.path.isfile(file):
-        raise ConfigError(path, f"no chat template file {template!r} (and no Jinja braces to be a template itself)", f"paths are relative to {workdir}")
+        raise ConfigError(
+            path,
+            f"no chat template file {template!r} (and no Jinja braces to be a template itself)",
+            f"paths are relative to {workdir}",
+        )
     with open(file, encoding="utf-8") as handle:
         return handle.read()
 
@@ -154,14 +187,19 @@ def source_fingerprint(dataset: DatasetSpec, workdir: str, hashes: FileHashCache
     path = f"datasets.{dataset.name}"
     source = dataset.source
     if isinstance(source, dict):
-        parts = {split: _files_fingerprint(dataset, pattern, f"{path}.source.{split}", workdir, hashes) for split, pattern in source.items()}
+        parts = {
+            split: _files_fingerprint(dataset, pattern, f"{path}.source.{split}", workdir, hashes)
+            for split, pattern in source.items()
+        }
         return content_hash(parts)
     if not isinstance(source, str):
         raise ConfigError(f"{path}.source", "expected a string or a mapping of split to path")
     scheme, _, rest = source.partition(":")
     if scheme in ("hub", "modelscope") and rest:
         # a hub dataset is named, not hashed: pin `revision` to make its rows fixed
-        return content_hash({"source": source, "subset": dataset.subset, "revision": dataset.revision, "hub_splits": dataset.hub_splits})
+        return content_hash(
+            {"source": source, "subset": dataset.subset, "revision": dataset.revision, "hub_splits": dataset.hub_splits}
+        )
     if scheme == "generator" and rest:
         if rest not in GENERATORS:
             raise ConfigError(f"{path}.source", f"unknown generator {rest!r}", f"one of {', '.join(GENERATORS)}")
@@ -182,7 +220,9 @@ def _files_fingerprint(dataset: DatasetSpec, pattern: str, path: str, workdir: s
         raise ConfigError(path, f"no file matches {pattern!r}", f"paths are relative to {workdir}")
     for file in files:
         if os.path.splitext(file)[1].lower() not in LOCAL_EXTENSIONS:
-            raise ConfigError(path, f"unsupported file type: {os.path.relpath(file, workdir)}", f"use {', '.join(LOCAL_EXTENSIONS)}")
+            raise ConfigError(
+                path, f"unsupported file type: {os.path.relpath(file, workdir)}", f"use {', '.join(LOCAL_EXTENSIONS)}"
+            )
     _check_local_columns(dataset, path, files, workdir)
     # The format (extension) decides how bytes become rows; the file names do not.
     return content_hash([[os.path.splitext(f)[1].lower(), hashes.get(f)] for f in files])
@@ -192,7 +232,11 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
     """A column the dataset needs that none of a file's first rows has is a config error, before any job."""
     dataset_path = path.split(".source")[0]
     if dataset.kind == "instruction":
-        templates = [("template", dataset.template)] if dataset.template else [("prompt", dataset.prompt), ("completion", dataset.completion)]
+        templates = (
+            [("template", dataset.template)]
+            if dataset.template
+            else [("prompt", dataset.prompt), ("completion", dataset.completion)]
+        )
         needed = [(f"{dataset_path}.{key}", column) for key, text in templates for column in template_columns(text)]
     elif dataset.kind == "chat":
         needed = [(f"{dataset_path}.messages_column", dataset.messages_column)]

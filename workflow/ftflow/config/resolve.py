@@ -60,7 +60,9 @@ class Plan:
         Snakemake exactly which jobs are out of date (the report's list of
         experiments too). Returns the paths written.
         """
-        specs: list[tuple[str, Any]] = [(self.layout.experiment_config(exp.name), exp.to_json()) for exp in self.experiments.values()]
+        specs: list[tuple[str, Any]] = [
+            (self.layout.experiment_config(exp.name), exp.to_json()) for exp in self.experiments.values()
+        ]
         for name, model in self.models.items():
             spec = {"model": asdict(model), "smoke": self.smoke, "format_version": FORMAT_VERSION}
             specs.append((self.layout.model_spec(self.model_dir_name(name)), spec))
@@ -81,7 +83,9 @@ class Plan:
                 "model": exp.model,
                 "baseline": exp.baseline,
                 "sweep": exp.sweep,
-                "stages": [{"name": s.name, "method": s.method, "dataset": s.dataset, "data_id": s.data_id} for s in exp.stages],
+                "stages": [
+                    {"name": s.name, "method": s.method, "dataset": s.dataset, "data_id": s.data_id} for s in exp.stages
+                ],
                 "eval_data_id": exp.eval.data_id,
                 "config_hash": exp.config_hash,
             }
@@ -104,7 +108,11 @@ class DataJobs:
         self.jobs: dict[str, DataSpec] = {}
         self._fingerprints: dict[str, str] = {}
         self.smoke = smoke is not None
-        self.row_caps = {"train": smoke["train_rows"], "validation": smoke["eval_rows"], "test": smoke["eval_rows"]} if smoke else None
+        self.row_caps = (
+            {"train": smoke["train_rows"], "validation": smoke["eval_rows"], "test": smoke["eval_rows"]}
+            if smoke
+            else None
+        )
 
     def fingerprint(self, dataset: DatasetSpec) -> str:
         """The source's content hash, computed once per dataset (it may hash large files)."""
@@ -122,7 +130,11 @@ class DataJobs:
             "row_caps": self.row_caps,
             "tokenizer": tokenizer_source,
             # only chat rows are rendered with the model's chat template
-            "model_chat_template": template_text(model_spec.chat_template, self.workdir, f"models.{model}.chat_template") if dataset.kind == "chat" else None,
+            "model_chat_template": template_text(
+                model_spec.chat_template, self.workdir, f"models.{model}.chat_template"
+            )
+            if dataset.kind == "chat"
+            else None,
         }
         # The name prefix keeps results/data/ readable; the hash covers exactly the settings.
         data_id = f"{dataset.name}-{content_hash(settings, 12)}"
@@ -166,7 +178,15 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     if report["baseline"]:
         add_baselines(experiments)
     hashes.save()
-    return Plan(models=models, datasets=datasets, experiments=experiments, data=data.jobs, smoke=smoke_on, layout=layout, report=report)
+    return Plan(
+        models=models,
+        datasets=datasets,
+        experiments=experiments,
+        data=data.jobs,
+        smoke=smoke_on,
+        layout=layout,
+        report=report,
+    )
 
 
 def resolve_model(name: str, raw: Any) -> ModelSpec:
@@ -181,7 +201,15 @@ def resolve_model(name: str, raw: Any) -> ModelSpec:
     return ModelSpec(name=name, **{**MODEL_DEFAULTS, **raw})
 
 
-def resolve_experiment(name: str, exp: dict, defaults: dict, models: dict[str, ModelSpec], datasets: dict[str, DatasetSpec], data: DataJobs, smoke: dict | None) -> ExperimentSpec:
+def resolve_experiment(
+    name: str,
+    exp: dict,
+    defaults: dict,
+    models: dict[str, ModelSpec],
+    datasets: dict[str, DatasetSpec],
+    data: DataJobs,
+    smoke: dict | None,
+) -> ExperimentSpec:
     sweep = exp.pop("_sweep", None)
     path = f"sweeps.{sweep['name']} (experiment {name})" if sweep else f"experiments.{name}"
     check_keys(path, exp, EXPERIMENT_KEYS)
@@ -200,7 +228,9 @@ def resolve_experiment(name: str, exp: dict, defaults: dict, models: dict[str, M
         for index, (stage_path, stage_raw) in enumerate(raw_stages(f"experiments.{name}", exp)):
             check_keys(stage_path, stage_raw, STAGE_KEYS)
             default_name = f"stage{index + 1}" if "stages" in exp else "train"
-            stage = resolve_stage(stage_path, index, merge_layers(stage_defaults, shared, stage_raw), default_name, datasets, smoke)
+            stage = resolve_stage(
+                stage_path, index, merge_layers(stage_defaults, shared, stage_raw), default_name, datasets, smoke
+            )
             stage = replace(stage, data_id=data.data_id(datasets[stage.dataset], model, stage.max_length))
             if any(s.name == stage.name for s in stages):
                 raise ConfigError(f"{stage_path}.name", f"duplicate stage name {stage.name!r}")
@@ -224,7 +254,15 @@ def resolve_experiment(name: str, exp: dict, defaults: dict, models: dict[str, M
     )
 
 
-def resolve_eval(path: str, eval_raw: dict, fallback_dataset: str | None, model: str, datasets: dict[str, DatasetSpec], data: DataJobs, smoke: dict | None) -> EvalSpec:
+def resolve_eval(
+    path: str,
+    eval_raw: dict,
+    fallback_dataset: str | None,
+    model: str,
+    datasets: dict[str, DatasetSpec],
+    data: DataJobs,
+    smoke: dict | None,
+) -> EvalSpec:
     """The evaluation of an experiment's final model; `fallback_dataset` is used when eval names none."""
     values = deep_merge(EVAL_DEFAULTS, check_section(path, "eval", eval_raw))
     dataset_name = values["dataset"] or fallback_dataset
@@ -242,7 +280,11 @@ def resolve_eval(path: str, eval_raw: dict, fallback_dataset: str | None, model:
             f"dataset {dataset_name!r} is raw text: it has no prompts to generate answers from",
             "score it by eval_loss/perplexity (metrics: []), or evaluate on a chat or instruction dataset",
         )
-    primary = values["primary_metric"] or dataset.primary_metric or (METRIC_OUTPUTS[metrics[0]][0] if metrics else "eval_loss")
+    primary = (
+        values["primary_metric"]
+        or dataset.primary_metric
+        or (METRIC_OUTPUTS[metrics[0]][0] if metrics else "eval_loss")
+    )
     if primary not in primary_metric_choices(metrics):
         raise ConfigError(
             f"{path}.primary_metric",
@@ -280,5 +322,17 @@ def add_baselines(experiments: dict[str, ExperimentSpec]) -> None:
     for (model, _), exp in wanted.items():
         name = "baseline" if len(wanted) == 1 else f"baseline-{model}-{exp.eval.dataset}"
         if name in experiments:
-            raise ConfigError(f"experiments.{name}", "this name is reserved for the automatic baseline", "rename the experiment or set report.baseline: false")
-        experiments[name] = ExperimentSpec(name=name, model=model, stages=(), eval=exp.eval, baseline=True, description="untuned base model", smoke=exp.smoke)
+            raise ConfigError(
+                f"experiments.{name}",
+                "this name is reserved for the automatic baseline",
+                "rename the experiment or set report.baseline: false",
+            )
+        experiments[name] = ExperimentSpec(
+            name=name,
+            model=model,
+            stages=(),
+            eval=exp.eval,
+            baseline=True,
+            description="untuned base model",
+            smoke=exp.smoke,
+        )

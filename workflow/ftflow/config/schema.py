@@ -65,7 +65,9 @@ EVAL_DEFAULTS = section_defaults(SCHEMA["$defs"]["eval"])
 SMOKE_DEFAULTS = section_defaults(SCHEMA["properties"]["smoke_options"])
 REPORT_DEFAULTS = section_defaults(SCHEMA["properties"]["report"])
 # Scalar stage keys (method, init_from, max_length, packing, gpus).
-STAGE_DEFAULTS = {key: prop["default"] for key, prop in _STAGE.items() if "default" in prop and prop.get("type") != "object"}
+STAGE_DEFAULTS = {
+    key: prop["default"] for key, prop in _STAGE.items() if "default" in prop and prop.get("type") != "object"
+}
 DATASET_DEFAULTS = {key: prop["default"] for key, prop in _DATASET.items() if "default" in prop}
 MODEL_DEFAULTS = {key: prop["default"] for key, prop in _MODEL.items() if "default" in prop}
 
@@ -75,7 +77,9 @@ METHOD_NAMES = tuple(_STAGE["method"]["enum"])
 INIT_FROM = tuple(_STAGE["init_from"]["enum"])
 LOSS_ON = tuple(v for v in _DATASET["loss_on"]["enum"] if v is not None)
 METRICS = tuple(SCHEMA["$defs"]["metric"]["enum"])
-METRIC_OUTPUTS: dict[str, tuple[str, ...]] = {name: tuple(out) for name, out in SCHEMA["$defs"]["metric"]["x-outputs"].items()}
+METRIC_OUTPUTS: dict[str, tuple[str, ...]] = {
+    name: tuple(out) for name, out in SCHEMA["$defs"]["metric"]["x-outputs"].items()
+}
 
 # Mapping sections that merge key by key across defaults, experiment and stage.
 DICT_SECTIONS = (*(key for key, prop in _STAGE.items() if prop.get("type") == "object"), "eval")
@@ -84,7 +88,11 @@ DEFAULT_KEYS = (*_STAGE, *SCHEMA["properties"]["defaults"]["properties"])
 EXPERIMENT_KEYS = (*_STAGE, *SCHEMA["properties"]["experiments"]["additionalProperties"]["properties"])
 SWEEP_KEYS = tuple(SCHEMA["properties"]["sweeps"]["additionalProperties"]["properties"])
 # Sections whose keys the schema lists (training, lora and adalora are checked against the libraries).
-SECTION_KEYS = {"quantization": tuple(_STAGE["quantization"]["properties"]), "divergence": tuple(_STAGE["divergence"]["properties"]), "eval": tuple(EVAL_DEFAULTS)}
+SECTION_KEYS = {
+    "quantization": tuple(_STAGE["quantization"]["properties"]),
+    "divergence": tuple(_STAGE["divergence"]["properties"]),
+    "eval": tuple(EVAL_DEFAULTS),
+}
 
 
 def primary_metric_choices(metrics) -> tuple[str, ...]:
@@ -104,7 +112,9 @@ def _validator():
 
 def check_against_schema(raw: dict) -> None:
     """Validate against the JSON Schema; raise the first error as a ConfigError with its path."""
-    errors = sorted(_validator().iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(
+        _validator().iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
+    )
     if not errors:
         return
     error = errors[0]

@@ -66,7 +66,10 @@ def check_section(path: str, section: str, values: dict) -> dict:
 
 def check_training(path: str, training: dict) -> None:
     """Optimizer and scheduler names, and the numbers that must be positive (the schema sees only the file's, not a sweep's)."""
-    for key, names, what in (("optim", libfields.optimizer_names, "optimizer"), ("lr_scheduler_type", libfields.scheduler_names, "scheduler")):
+    for key, names, what in (
+        ("optim", libfields.optimizer_names, "optimizer"),
+        ("lr_scheduler_type", libfields.scheduler_names, "scheduler"),
+    ):
         value = training.get(key)
         if value is not None and value not in names():
             raise ConfigError(f"{path}.{key}", f"unknown {what} {value!r}", did_you_mean(value, names()))
@@ -86,12 +89,22 @@ def check_best_model(path: str, training: dict) -> None:
         return
     evaluate, save = training.get("eval_strategy", "no"), training.get("save_strategy", "steps")
     if evaluate == "no":
-        raise ConfigError(f"{path}.load_best_model_at_end", "needs evaluations during training to pick the best checkpoint", "set eval_strategy: steps (or epoch)")
+        raise ConfigError(
+            f"{path}.load_best_model_at_end",
+            "needs evaluations during training to pick the best checkpoint",
+            "set eval_strategy: steps (or epoch)",
+        )
     if evaluate != save:
-        raise ConfigError(f"{path}.save_strategy", f"{save!r} differs from eval_strategy {evaluate!r}; load_best_model_at_end needs a checkpoint at each evaluation")
+        raise ConfigError(
+            f"{path}.save_strategy",
+            f"{save!r} differs from eval_strategy {evaluate!r}; load_best_model_at_end needs a checkpoint at each evaluation",
+        )
     every = training.get("eval_steps") or training.get("logging_steps", 1)
     if save == "steps" and training["save_steps"] % every:
-        raise ConfigError(f"{path}.save_steps", f"{training['save_steps']} is not a multiple of eval_steps {every}; load_best_model_at_end needs a checkpoint at each evaluation")
+        raise ConfigError(
+            f"{path}.save_steps",
+            f"{training['save_steps']} is not a multiple of eval_steps {every}; load_best_model_at_end needs a checkpoint at each evaluation",
+        )
 
 
 def check_data_parallel(path: str, gpus: int | None, training: dict) -> None:
@@ -99,9 +112,13 @@ def check_data_parallel(path: str, gpus: int | None, training: dict) -> None:
     if not gpus or gpus <= 1:
         return
     try:
-        per_process_batch(int(training["per_device_train_batch_size"]), int(training.get("gradient_accumulation_steps", 1)), gpus)
+        per_process_batch(
+            int(training["per_device_train_batch_size"]), int(training.get("gradient_accumulation_steps", 1)), gpus
+        )
     except BatchSplitError as err:
-        raise ConfigError(path, str(err), "the effective batch stays what the config says on any number of GPUs") from None
+        raise ConfigError(
+            path, str(err), "the effective batch stays what the config says on any number of GPUs"
+        ) from None
 
 
 def check_positive_ints(path: str, values: dict, keys) -> None:

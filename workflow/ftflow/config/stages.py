@@ -63,7 +63,9 @@ def merge_layers(*layers: dict) -> dict:
     return merged
 
 
-def resolve_stage(path: str, index: int, merged: dict, default_name: str, datasets: dict[str, DatasetSpec], smoke: dict | None) -> StageSpec:
+def resolve_stage(
+    path: str, index: int, merged: dict, default_name: str, datasets: dict[str, DatasetSpec], smoke: dict | None
+) -> StageSpec:
     """The stage's spec, data_id left empty (it depends on the model, which the caller knows)."""
     values = {**STAGE_DEFAULTS, **merged}
     method = values["method"]
@@ -72,24 +74,34 @@ def resolve_stage(path: str, index: int, merged: dict, default_name: str, datase
     if dataset_name is None:
         raise ConfigError(f"{path}.dataset", "no dataset set for this stage", "set 'dataset' here or in defaults")
     if dataset_name not in datasets:
-        raise ConfigError(f"{path}.dataset", f"unknown dataset {dataset_name!r}", f"defined: {', '.join(datasets) or 'none'}")
+        raise ConfigError(
+            f"{path}.dataset", f"unknown dataset {dataset_name!r}", f"defined: {', '.join(datasets) or 'none'}"
+        )
     dataset = datasets[dataset_name]
     init_from = values["init_from"]
     check_choice(f"{path}.init_from", init_from, INIT_FROM)
     training = _section(path, "training", merged)
     check_training(f"{path}.training", training)
-    sections = {section: _section(path, section, merged) for section in ("lora", "adalora", "quantization", "divergence")}
+    sections = {
+        section: _section(path, section, merged) for section in ("lora", "adalora", "quantization", "divergence")
+    }
     max_length = values["max_length"] or dataset.max_length
     if smoke:
         _cap_for_smoke(training, smoke)
         max_length = min(max_length, smoke["max_length"])
     adalora = sections["adalora"]
     if method == "adalora" and adalora["target_r"] > adalora["init_r"]:
-        raise ConfigError(f"{path}.adalora.target_r", f"target_r ({adalora['target_r']}) must be <= init_r ({adalora['init_r']})")
+        raise ConfigError(
+            f"{path}.adalora.target_r", f"target_r ({adalora['target_r']}) must be <= init_r ({adalora['init_r']})"
+        )
     check_best_model(f"{path}.training", training)
     if method == "adalora":
         if "total_step" in (merged.get("adalora") or {}):
-            raise ConfigError(f"{path}.adalora.total_step", "ftflow computes it from the data size, batch, accumulation and epochs (or max_steps)", "remove it")
+            raise ConfigError(
+                f"{path}.adalora.total_step",
+                "ftflow computes it from the data size, batch, accumulation and epochs (or max_steps)",
+                "remove it",
+            )
         if smoke:
             adalora.update(smoke_adalora_schedule(training["max_steps"]))
     if METHODS[method].quantized and "gradient_checkpointing" not in training:
@@ -99,7 +111,9 @@ def resolve_stage(path: str, index: int, merged: dict, default_name: str, datase
     if "lora" in METHODS[method].sections and sections["lora"]["r"] < 1:
         raise ConfigError(f"{path}.lora.r", f"must be >= 1, got {sections['lora']['r']}")
     if index == 0 and init_from == "adapter":
-        raise ConfigError(f"{path}.init_from", "the first stage has no previous adapter to continue", "use 'merged' (the default)")
+        raise ConfigError(
+            f"{path}.init_from", "the first stage has no previous adapter to continue", "use 'merged' (the default)"
+        )
     check_data_parallel(f"{path}.gpus", values["gpus"], training)
     name = values.get("name") or default_name
     check_name(f"{path}.name", name, "stage")
@@ -128,12 +142,16 @@ def resolve_stage(path: str, index: int, merged: dict, default_name: str, datase
 
 def _section(path: str, section: str, merged: dict) -> dict:
     """A section checked and laid over its schema defaults."""
-    return deep_merge(_SECTION_DEFAULTS[section], check_section(f"{path}.{section}", section, merged.get(section) or {}))
+    return deep_merge(
+        _SECTION_DEFAULTS[section], check_section(f"{path}.{section}", section, merged.get(section) or {})
+    )
 
 
 def _cap_for_smoke(training: dict, smoke: dict) -> None:
     """Smoke mode: a few steps, a checkpoint (and evaluation) within them, no warm-up steps beyond them."""
-    training["max_steps"] = min(training.get("max_steps", -1) if training.get("max_steps", -1) > 0 else 10**9, smoke["max_steps"])
+    training["max_steps"] = min(
+        training.get("max_steps", -1) if training.get("max_steps", -1) > 0 else 10**9, smoke["max_steps"]
+    )
     training["save_steps"] = max(1, min(training.get("save_steps", 50), smoke["max_steps"]))
     if training.get("eval_strategy") == "steps":
         training["eval_steps"] = training["save_steps"]  # evaluate at every (capped) checkpoint
@@ -146,11 +164,17 @@ def check_adapter_continuation(path: str, stage: StageSpec, previous: StageSpec)
     where = f"{path}.init_from"
     mine, theirs = METHODS[stage.method], METHODS[previous.method]
     if not theirs.adapter:
-        raise ConfigError(where, f"stage {previous.name!r} trains full weights and has no adapter to continue", "use 'merged'")
+        raise ConfigError(
+            where, f"stage {previous.name!r} trains full weights and has no adapter to continue", "use 'merged'"
+        )
     if not mine.adapter:
         raise ConfigError(where, "a full fine-tuning stage has no adapter to continue one into", "use 'merged'")
     if mine.peft_section != theirs.peft_section:
-        raise ConfigError(where, f"cannot continue a {previous.method} adapter (stage {previous.name!r}) as {stage.method}", f"use method {previous.method} or init_from: merged")
+        raise ConfigError(
+            where,
+            f"cannot continue a {previous.method} adapter (stage {previous.name!r}) as {stage.method}",
+            f"use method {previous.method} or init_from: merged",
+        )
     # The continued adapter keeps its saved settings; a different value here would be ignored.
     section = mine.peft_section
     new, old = getattr(stage, section), getattr(previous, section)
@@ -172,7 +196,9 @@ def check_adalora_schedule(path: str, stage: StageSpec, dataset: DatasetSpec, wo
         return  # counted exactly at train time (train.py checks again)
     batch, accumulation = training["per_device_train_batch_size"], training.get("gradient_accumulation_steps", 1)
     epochs = training.get("num_train_epochs", 1.0)
-    total = optimizer_steps(rows or 0, batch, accumulation, epochs, max_steps, drop_last=bool(training.get("dataloader_drop_last")))
+    total = optimizer_steps(
+        rows or 0, batch, accumulation, epochs, max_steps, drop_last=bool(training.get("dataloader_drop_last"))
+    )
     problem = adalora_schedule_problem(stage.adalora, total)
     if problem:
         how = (
@@ -181,4 +207,3 @@ def check_adalora_schedule(path: str, stage: StageSpec, dataset: DatasetSpec, wo
             else f"at most {rows} training rows of dataset {dataset.name!r} / batch {batch} / accumulation {accumulation} x {epochs:g} epochs"
         )
         raise ConfigError(f"{path}.adalora", f"{problem}; total_step {total} comes from {how}")
-

@@ -48,7 +48,11 @@ def expand_sweeps(raw: dict) -> dict[str, dict]:
             exp_name = _experiment_name(sweep, sweep_name, path, i, point, width)
             check_name(f"{path}.name", exp_name, "generated experiment")
             if exp_name in experiments:
-                raise ConfigError(f"{path}.name", f"generated experiment name {exp_name!r} is already taken", "give the sweep a 'name' template that makes names unique")
+                raise ConfigError(
+                    f"{path}.name",
+                    f"generated experiment name {exp_name!r} is already taken",
+                    "give the sweep a 'name' template that makes names unique",
+                )
             exp["_sweep"] = {"name": sweep_name, "params": point}
             experiments[exp_name] = exp
     return experiments
@@ -61,7 +65,11 @@ def _experiment_name(sweep: dict, sweep_name: str, path: str, i: int, point: dic
     try:
         return sweep["name"].format(sweep=sweep_name, i=i, **leaves)
     except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"{path}.name", f"cannot format name: {err}", "use {sweep}, {i} and the last part of each varied key, e.g. {learning_rate}") from None
+        raise ConfigError(
+            f"{path}.name",
+            f"cannot format name: {err}",
+            "use {sweep}, {i} and the last part of each varied key, e.g. {learning_rate}",
+        ) from None
 
 
 def _sweep_points(sweep: dict, path: str) -> list[dict]:

@@ -82,10 +82,22 @@ def job_chain(layout: Layout, spec: ExperimentSpec) -> list[tuple[str, str, str]
     stages = spec.stages
     for i, stage in enumerate(stages):
         step = "" if len(stages) == 1 else f"{stage.name}/"  # a single stage needs no name in the note
-        chain.append((f"{step}train", layout.train_metrics(spec.name, stage.name), layout.stage_log(spec.name, stage.name, "train")))
+        chain.append(
+            (
+                f"{step}train",
+                layout.train_metrics(spec.name, stage.name),
+                layout.stage_log(spec.name, stage.name, "train"),
+            )
+        )
         # the next stage starts from this one's adapter, or from its merged weights
         if i == len(stages) - 1 or stages[i + 1].init_from == "merged":
-            chain.append((f"{step}merge", layout.merged_dir(spec.name, stage.name), layout.stage_log(spec.name, stage.name, "merge")))
+            chain.append(
+                (
+                    f"{step}merge",
+                    layout.merged_dir(spec.name, stage.name),
+                    layout.stage_log(spec.name, stage.name, "merge"),
+                )
+            )
     chain.append(("evaluate", layout.eval_metrics(spec.name), layout.eval_log(spec.name)))
     return chain
 

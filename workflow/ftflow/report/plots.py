@@ -96,7 +96,10 @@ def plot_losses(runs: list[Run], rows: dict[str, Row], layout: Layout, plot_dir:
 
     curves = {run.name: loss_curves(layout, run) for run in runs if run.spec.stages}
     written = []
-    for tag, title, filename in (("train/loss", "Training loss", "train_loss.png"), ("eval/loss", "Validation loss during training", "eval_loss.png")):
+    for tag, title, filename in (
+        ("train/loss", "Training loss", "train_loss.png"),
+        ("eval/loss", "Validation loss during training", "eval_loss.png"),
+    ):
         drawn = {name: c[tag] for name, c in curves.items() if c[tag]}
         if not drawn:
             continue
@@ -149,22 +152,36 @@ def plot_primary(group: Group, rows: list[Row], plot_dir: str) -> str:
     height = max(2.6, 0.3 * len(members) + 1.3)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 1.6, height), sharey=True, squeeze=False)
     positions = list(range(len(members)))
-    colors = [BASELINE if row.baseline else BEST if row.best else TUNED if row.status == "ok" else BAD for row in members]
+    colors = [
+        BASELINE if row.baseline else BEST if row.best else TUNED if row.status == "ok" else BAD for row in members
+    ]
     for ax, metric in zip(axes[0], metrics):
         values = [row.get(metric) if row.status == "ok" else None for row in members]
-        shown = [(y, v, c) for y, v, c in zip(positions, values, colors) if isinstance(v, (int, float)) and math.isfinite(v)]
-        ax.hlines([y for y, _, _ in shown], 0, 1, transform=ax.get_yaxis_transform(), color="#e9ecef", linewidth=0.8, zorder=1)
+        shown = [
+            (y, v, c) for y, v, c in zip(positions, values, colors) if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        ax.hlines(
+            [y for y, _, _ in shown], 0, 1, transform=ax.get_yaxis_transform(), color="#e9ecef", linewidth=0.8, zorder=1
+        )
         ax.scatter([v for _, v, _ in shown], [y for y, _, _ in shown], c=[c for _, _, c in shown], s=40, zorder=3)
         for y, row in zip(positions, members):
             if row.status != "ok":
                 ax.text(0.01, y, row.status, transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=BAD)
-        base = next((row.get(metric) for row in members if row.baseline and isinstance(row.get(metric), (int, float))), None)
+        base = next(
+            (row.get(metric) for row in members if row.baseline and isinstance(row.get(metric), (int, float))), None
+        )
         if base is not None and math.isfinite(base):
             ax.axvline(base, color=BASELINE, linestyle="--", linewidth=1)
         distinct = {v for _, v, _ in shown}
         if len(distinct) == 1:
-            ax.text(0.5, 1.01, f"every run: {next(iter(distinct)):.4g}", transform=ax.transAxes, ha="center", fontsize=8)
-        better = "lower is better" if metric in ("eval_loss", "perplexity") or (metric == primary and group.lower_is_better) else "higher is better"
+            ax.text(
+                0.5, 1.01, f"every run: {next(iter(distinct)):.4g}", transform=ax.transAxes, ha="center", fontsize=8
+            )
+        better = (
+            "lower is better"
+            if metric in ("eval_loss", "perplexity") or (metric == primary and group.lower_is_better)
+            else "higher is better"
+        )
         ax.set_xlabel(f"{metric} ({better})", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
@@ -172,7 +189,9 @@ def plot_primary(group: Group, rows: list[Row], plot_dir: str) -> str:
     axes[0][0].set_yticks(positions)
     axes[0][0].set_yticklabels([row.experiment for row in members], fontsize=8)
     axes[0][0].invert_yaxis()
-    fig.suptitle(f"{primary} on {group.dataset}, best first (green: best, grey: untuned baseline, red: not ok)", fontsize=10)
+    fig.suptitle(
+        f"{primary} on {group.dataset}, best first (green: best, grey: untuned baseline, red: not ok)", fontsize=10
+    )
     fig.tight_layout()
     filename = f"{primary}.png"
     fig.savefig(os.path.join(plot_dir, filename), dpi=110)
@@ -192,7 +211,9 @@ def plot_sweep(group: Group, rows: list[Row], settings: list[Setting], plot_dir:
         values = [row.settings.get(setting.key) for row in members]
         if len({repr(v) for v in values}) < 2:
             continue
-        partition = tuple(sorted(tuple(i for i, v in enumerate(values) if repr(v) == r) for r in {repr(v) for v in values}))
+        partition = tuple(
+            sorted(tuple(i for i, v in enumerate(values) if repr(v) == r) for r in {repr(v) for v in values})
+        )
         if partition in seen_partitions:  # moves exactly with an earlier setting
             seen_partitions[partition]["label"] += f" / {setting.short}"
             continue
@@ -210,7 +231,10 @@ def plot_sweep(group: Group, rows: list[Row], settings: list[Setting], plot_dir:
     columns = min(4, len(panels))
     rows_per_metric = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(
-        rows_per_metric * len(metrics), columns, figsize=(3.3 * columns + 0.6, 2.7 * rows_per_metric * len(metrics) + 0.5), squeeze=False
+        rows_per_metric * len(metrics),
+        columns,
+        figsize=(3.3 * columns + 0.6, 2.7 * rows_per_metric * len(metrics) + 0.5),
+        squeeze=False,
     )
     baseline = next((row for row in rows if row.group == group.key and row.baseline), None)
     for index, panel in enumerate(panels):
@@ -221,9 +245,21 @@ def plot_sweep(group: Group, rows: list[Row], settings: list[Setting], plot_dir:
             xs = [categories.index(_category(x)) for x in xs]
         for block, metric in enumerate(metrics):
             ax = axes[block * rows_per_metric + index // columns][index % columns]
-            points = [(x, row.get(metric), row) for x, row in zip(xs, members) if isinstance(row.get(metric), (int, float))]
-            ax.scatter([p[0] for p in points], [p[1] for p in points], color=[BEST if p[2].best else TUNED for p in points], s=22, zorder=3)
-            if baseline is not None and isinstance(baseline.get(metric), (int, float)) and math.isfinite(baseline.get(metric)):
+            points = [
+                (x, row.get(metric), row) for x, row in zip(xs, members) if isinstance(row.get(metric), (int, float))
+            ]
+            ax.scatter(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                color=[BEST if p[2].best else TUNED for p in points],
+                s=22,
+                zorder=3,
+            )
+            if (
+                baseline is not None
+                and isinstance(baseline.get(metric), (int, float))
+                and math.isfinite(baseline.get(metric))
+            ):
                 ax.axhline(baseline.get(metric), color=BASELINE, linestyle="--", linewidth=1, label="baseline")
             if numeric:
                 positive = [x for x in xs if x > 0]
@@ -233,7 +269,9 @@ def plot_sweep(group: Group, rows: list[Row], settings: list[Setting], plot_dir:
                 if len(distinct) <= 8:  # a tick at each value tried, written as the table writes it
                     ax.minorticks_off()
                     ax.set_xticks(distinct)
-                    ax.set_xticklabels([compact_float(x) if isinstance(x, float) else str(x) for x in distinct], fontsize=7)
+                    ax.set_xticklabels(
+                        [compact_float(x) if isinstance(x, float) else str(x) for x in distinct], fontsize=7
+                    )
             else:
                 ax.set_xticks(range(len(categories)))
                 ax.set_xticklabels(categories, fontsize=8)
@@ -264,4 +302,3 @@ def make_plots(runs: list[Run], table: Table, layout: Layout, plot_dir: str) -> 
         if sweep:
             written.append(sweep)
     return written
-

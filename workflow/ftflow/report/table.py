@@ -78,7 +78,9 @@ class Row:
     base_key: tuple[str, str]  # (model, eval data_id): the baseline it is compared with
 
     # the cells that are fields of their own (best is shown as `*` or blank)
-    FIXED: ClassVar[tuple[str, ...]] = ("experiment", "status", "stages", "note", "log", "rank") + tuple(c.key for c in COST_COLUMNS + LOSS_COLUMNS)
+    FIXED: ClassVar[tuple[str, ...]] = ("experiment", "status", "stages", "note", "log", "rank") + tuple(
+        c.key for c in COST_COLUMNS + LOSS_COLUMNS
+    )
 
     def get(self, key: str, default=None):
         """The cell of column `key`, or `default` when this row has none."""
@@ -99,7 +101,11 @@ class Row:
         return value
 
     def __contains__(self, key: str) -> bool:
-        return key == "best" or key in self.FIXED or any(key in cells for cells in (self.deltas, self.metrics, self.varied))
+        return (
+            key == "best"
+            or key in self.FIXED
+            or any(key in cells for cells in (self.deltas, self.metrics, self.varied))
+        )
 
 
 @dataclass
@@ -165,7 +171,11 @@ def make_row(run: Run, settings: dict) -> Row:
         eval_loss=evaluation.get("eval_loss"),
         perplexity=evaluation.get("perplexity"),
         # per_field is a dict: metrics.json has it, the table does not
-        metrics={k: v for k, v in (evaluation.get("metrics") or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        metrics={
+            k: v
+            for k, v in (evaluation.get("metrics") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
         baseline=spec.baseline,
         settings=settings,
         group=(spec.eval.dataset, spec.eval.primary_metric or "eval_loss"),
@@ -221,7 +231,9 @@ def add_deltas(rows: list[Row], groups: list[Group]) -> None:
         primary = row.group[1]
         base = baselines.get(row.base_key)
         value, reference = finite(row.get(primary)), finite(base.get(primary) if base else None)
-        row.deltas[f"delta_{primary}"] = value - reference if not row.baseline and value is not None and reference is not None else None
+        row.deltas[f"delta_{primary}"] = (
+            value - reference if not row.baseline and value is not None and reference is not None else None
+        )
     for group in groups:
         base = next((row for row in rows if row.group == group.key and row.baseline), None)
         group.baseline_value = finite(base.get(group.primary) if base else None)
@@ -251,7 +263,11 @@ def build_table(runs: list[Run]) -> Table:
         groups.append(group)
     add_deltas(rows, groups)
 
-    taken = {"best", "rank", "experiment", "stages", "status", "note", "log"} | {c.key for c in COST_COLUMNS + LOSS_COLUMNS} | set(metric_names)
+    taken = (
+        {"best", "rank", "experiment", "stages", "status", "note", "log"}
+        | {c.key for c in COST_COLUMNS + LOSS_COLUMNS}
+        | set(metric_names)
+    )
     labels = short_names(varied, taken)
     setting_columns = [Setting(key, labels[key]) for key in varied]
     primaries = list(dict.fromkeys(group.primary for group in groups))
@@ -303,7 +319,9 @@ def headline(group: Group, table: Table) -> str:
     names = ", ".join(row.experiment for row in best)
     if group.tie_on_primary:
         # the primary metric does not tell the runs apart: say so, and show what did
-        text += f"every finished run scores {format_value(kind, best[0].get(primary))}, so eval loss decides: best {names}"
+        text += (
+            f"every finished run scores {format_value(kind, best[0].get(primary))}, so eval loss decides: best {names}"
+        )
         text += f" at eval loss {format_value('loss', best[0].eval_loss)}"
         if base is not None and finite(base.eval_loss) is not None:
             text += f" (untuned baseline {format_value('loss', base.eval_loss)})"
@@ -318,7 +336,11 @@ def headline(group: Group, table: Table) -> str:
         if rows.index(base) < rows.index(best[0]):
             text += "; no tuned run beats the untuned baseline"
     # settings the best run has (an AdaLoRA-only key is no setting of a LoRA run)
-    chosen = [f"{s.short} {format_value('setting', best[0].settings[s.key])}" for s in table.settings if best[0].settings.get(s.key) is not None]
+    chosen = [
+        f"{s.short} {format_value('setting', best[0].settings[s.key])}"
+        for s in table.settings
+        if best[0].settings.get(s.key) is not None
+    ]
     if chosen:
         text += ". Its settings: " + ", ".join(chosen)
     not_ok = [row for row in tuned if row.status != "ok"]

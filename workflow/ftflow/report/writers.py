@@ -47,7 +47,9 @@ def _abbreviations(table: Table) -> str:
 
 
 def _shared_text(table: Table) -> list[str]:
-    return [f"{key}: {'none' if value is None else format_value('setting', value)}" for key, value in table.shared.items()]
+    return [
+        f"{key}: {'none' if value is None else format_value('setting', value)}" for key, value in table.shared.items()
+    ]
 
 
 def _clip(text: str, width: int = NOTE_WIDTH) -> str:
@@ -79,7 +81,12 @@ def to_markdown(table: Table, plots: list[str], title: str) -> str:
             out.append(f"- **{row.experiment}**: {row.status}; {row.note or 'no error recorded'}{where}")
         out.append("")
     if table.shared:
-        out += ["## Settings shared by every tuned experiment", "", ", ".join(f"`{t}`" for t in _shared_text(table)), ""]
+        out += [
+            "## Settings shared by every tuned experiment",
+            "",
+            ", ".join(f"`{t}`" for t in _shared_text(table)),
+            "",
+        ]
     if plots:
         out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     return "\n".join(out)
@@ -108,7 +115,11 @@ def _html_row(row: Row, table: Table) -> str:
         number = finite(value)
         # data-v is what a click sorts by: the number itself, or the text; empty cells sort last
         sort_value = repr(number) if number is not None else ("" if value in (None, "") else text)
-        css = " ".join(c for c in ("text" if number is None else "", "note" if key == "note" else "", _delta_class(key, value)) if c)
+        css = " ".join(
+            c
+            for c in ("text" if number is None else "", "note" if key == "note" else "", _delta_class(key, value))
+            if c
+        )
         title_attr = f' title="{esc(str(value))}"' if kind in ("count", "setting") and value is not None else ""
         class_attr = f' class="{css}"' if css else ""
         cells.append(f'<td{class_attr} data-v="{esc(sort_value)}"{title_attr}>{esc(text)}</td>')
@@ -123,16 +134,22 @@ def to_html(table: Table, plots: dict[str, bytes], title: str) -> str:
     )
     body = [_html_row(row, table) for row in table.rows]
     headlines = "".join(f"<li>{esc(headline(group, table))}</li>" for group in table.groups)
-    abbreviations = f"<p><small>Columns: {esc(_abbreviations(table))}. Hover a header for its meaning.</small></p>" if _abbreviations(table) else ""
+    abbreviations = (
+        f"<p><small>Columns: {esc(_abbreviations(table))}. Hover a header for its meaning.</small></p>"
+        if _abbreviations(table)
+        else ""
+    )
     shared = ""
     if table.shared:
-        shared = "<details><summary>Settings shared by every tuned experiment</summary><p>" + ", ".join(
-            f"<code>{esc(t)}</code>" for t in _shared_text(table)
-        ) + "</p></details>"
+        shared = (
+            "<details><summary>Settings shared by every tuned experiment</summary><p>"
+            + ", ".join(f"<code>{esc(t)}</code>" for t in _shared_text(table))
+            + "</p></details>"
+        )
     # Plots are embedded, so the page stands alone (mailed, or inside `snakemake --report`).
     images = "\n".join(
         f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{esc(name)}" title="plots/{esc(name)}"'
-        f'{"" if name.endswith("loss.png") else " class=wide"}>'
+        f"{'' if name.endswith('loss.png') else ' class=wide'}>"
         for name, data in plots.items()
     )
     newline = "\n"

@@ -25,7 +25,9 @@ class Bleu(evaluate.Metric):
             description="Corpus BLEU (sacrebleu), 0-100; per example: sentence BLEU with effective order.",
             citation="Papineni et al., 2002. BLEU: a Method for Automatic Evaluation of Machine Translation.",
             inputs_description="predictions: list of str; references: list of str; tokenize: sacrebleu tokenizer name or None (auto)",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, tokenize=None):

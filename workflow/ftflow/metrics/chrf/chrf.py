@@ -15,7 +15,9 @@ class Chrf(evaluate.Metric):
             description="Corpus chrF (sacrebleu; character n-grams up to 6, beta 2), 0-100; per example: sentence chrF.",
             citation="Popovic, 2015. chrF: character n-gram F-score for automatic MT evaluation.",
             inputs_description="predictions: list of str; references: list of str; word_order: 0 (chrF) or 2 (chrF++)",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, word_order=0):

@@ -26,7 +26,9 @@ class ExactMatch(evaluate.Metric):
             description="Fraction of predictions equal to their reference (as JSON values when the reference is JSON).",
             citation="",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -40,7 +40,9 @@ class JsonFieldAccuracy(evaluate.Metric):
             description="Accuracy per JSON field and over all fields of the references; invalid JSON counts as wrong.",
             citation="",
             inputs_description="predictions: list of str (JSON objects); references: list of str (JSON objects)",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
