@@ -7,15 +7,11 @@ Output folder `results/data/{data_id}/`:
                              first dropped row of each reason), truncated rows, tokens,
                              label tokens, the length distribution
 
-Kinds:
-  text         documents joined with EOS and cut into blocks of max_length tokens
-  instruction  a Python format template over the row's columns; the completion is
-               the text from the last placeholder on (`loss_on: completion`, or all)
-  chat         a messages column rendered with the tokenizer's chat template; labels
-               on assistant turns only (`loss_on: assistant`, or all)
-Labels are -100 wherever the loss must not look. Rows that cannot be used are
-dropped and counted by reason, never repaired; a split in which no row can be
-used is an error naming the dataset, the reason (column) and an example row.
+How each kind's rows become token ids and labels is encoder.py's Encoder (chat rows
+are first read in their format by formats.py); this module runs it over the splits
+with `datasets.map`, saves them and counts. Rows that cannot be used are dropped
+and counted by reason, never repaired; a split in which no row can be used is an
+error naming the dataset, the reason (column) and an example row.
 
 The template helpers and the setting names the planner hashes live in
 encoding.py (standard library only); this module is the job's side.
@@ -32,8 +28,9 @@ from collections import Counter
 from typing import Any
 
 from .atomic import atomic_dir, read_json, write_json
-from .encoding import DEFAULT_LOSS_ON, IGNORE, template_columns
-from .errors import FtflowError
+from .encoder import Encoder
+from .encoding import IGNORE
+from .errors import FtflowError, RowError
 from .sources import SPLITS, SourceRow, cut_splits, load_source
 
 log = logging.getLogger("ftflow.data")
@@ -43,7 +40,9 @@ DROP_REASONS = {
     "missing_column": "a column the kind or template needs is absent from the row",
     "not_utf8": "the row's bytes are not valid UTF-8",
     "invalid_json": "the line is not a JSON object",
-    "invalid_messages": "the messages column is not a list of {role, content}",
+    "invalid_messages": "the row does not have its chat format's shape (openai: a list of {role, content}; "
+    "sharegpt: a list of {from, value} with known roles; alpaca: text columns and [user, assistant] "
+    "history pairs), or a tool call, tools column or loss_weight cannot be read",
     "template_error": "the template could not be applied to the row",
     "over_length": "longer than max_length tokens (truncation: drop)",
     "no_label_tokens": "no token is left to learn (e.g. truncation cut the whole answer)",
@@ -56,235 +55,6 @@ DROP_REASONS = {
 # and 20.0 s in two, 4,000 rows 5.1 s and 6.6 s: one process per 5,000 rows.
 ROWS_PER_PROCESS = 5000
 MAP_BATCH_ROWS = 256
-
-
-class RowError(Exception):
-    """A row that cannot be used; `reason` is one of DROP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-# --------------------------------------------------------------------------- encoding rows
-
-
-class Encoder:
-    """Rows -> token ids and labels (and, for eval, the prompt ids and the reference)."""
-
-    def __init__(self, tokenizer, kind: str, encoding: dict, max_length: int, dataset: str = "dataset"):
-        self.tok = tokenizer
-        self.kind = kind
-        self.name = dataset
-        self.max_length = max_length
-        self.loss_on = encoding.get("loss_on") or DEFAULT_LOSS_ON[kind]
-        self.truncate = encoding.get("truncation", "drop") == "truncate"
-        if kind == "instruction":
-            self.prompt_t, self.completion_t = encoding["prompt"], encoding["completion"]
-            self.prompt_columns = template_columns(self.prompt_t)
-            self.completion_columns = template_columns(self.completion_t)
-        elif kind == "chat":
-            self.messages_column = encoding.get("messages_column", "messages")
-            self.chat_template = encoding.get("chat_template") or getattr(self.tok, "chat_template", None)
-            if not self.chat_template:
-                raise FtflowError(
-                    f"datasets.{dataset}.chat_template: the tokenizer has no chat template; set "
-                    f"datasets.{dataset}.chat_template (or models.<name>.chat_template) to a Jinja template or a file"
-                )
-            if not self.tok.is_fast:
-                raise FtflowError(
-                    f"datasets.{dataset}: chat labels need a fast tokenizer (character offsets); this one is not"
-                )
-            self.turn_end = self._probe_turn_end()
-        elif kind == "text":
-            self.text_column = encoding.get("text_column", "text")
-        else:
-            raise FtflowError(f"datasets.{dataset}.kind: unknown kind {kind!r}")
-
-    # -- chat
-    def _render(self, messages, add_generation_prompt=False) -> str:
-        return self.tok.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    def _probe_turn_end(self) -> str:
-        """What the template writes after an assistant message (e.g. '<|im_end|>\\n')."""
-        probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
-        text = self._render(probe)
-        return text[text.rfind("PONG-7") + len("PONG-7") :]
-
-    def _assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered chat and the character spans of its assistant turns (content + turn end)."""
-        text = self._render(messages)
-        spans = []
-        search = 0
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prefix = self._render(messages[:i], add_generation_prompt=True) if i else ""
-            upto = self._render(messages[: i + 1])
-            if i and text.startswith(upto) and upto.startswith(prefix) and len(upto) > len(prefix):
-                spans.append((len(prefix), len(upto)))
-                search = len(upto)
-                continue
-            # Templates that render earlier turns differently (Qwen3 drops the
-            # reasoning of all but the last turn) break the prefix property:
-            # find the content itself, then the template's end of turn.
-            content = message["content"]
-            start = text.find(content, search)
-            if start < 0:
-                raise RowError("template_error", f"assistant message {i} is not in the rendered chat")
-            end = start + len(content)
-            if self.turn_end and text.startswith(self.turn_end, end):
-                end += len(self.turn_end)
-            spans.append((start, end))
-            search = end
-        return text, spans
-
-    def _messages(self, values: dict) -> list[dict]:
-        if self.messages_column not in values:
-            raise RowError("missing_column", self.messages_column)
-        messages = values[self.messages_column]
-        if isinstance(messages, str):  # CSV and some parquet files store the list as JSON text
-            try:
-                messages = json.loads(messages)
-            except json.JSONDecodeError as err:
-                raise RowError("invalid_messages", f"column {self.messages_column!r} is text that is not JSON") from err
-        if messages is None or (isinstance(messages, list) and not messages):
-            raise RowError("empty", f"column {self.messages_column!r} has no messages")
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise RowError("invalid_messages", "each message needs a string 'role' and a string 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise RowError("empty", "no assistant message")
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-            raise RowError("empty", "an assistant message is empty")
-        return messages
-
-    def _render_chat(self, values: dict) -> dict:
-        messages = self._messages(values)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        try:
-            text, spans = self._assistant_spans(messages)
-            prompt = self._render(messages[:last], add_generation_prompt=True)
-        except RowError:
-            raise
-        except Exception as err:  # jinja errors raised by the template itself
-            raise RowError("template_error", str(err).splitlines()[0] if str(err) else type(err).__name__) from err
-        return {"text": text, "spans": spans, "prompt": prompt, "reference": messages[last]["content"]}
-
-    # -- instruction
-    def _render_instruction(self, values: dict) -> dict:
-        for column in self.prompt_columns + self.completion_columns:
-            if column not in values:
-                raise RowError("missing_column", column)
-            if values[column] is None:
-                raise RowError("empty", f"column {column!r} is null")
-        for column in self.completion_columns:
-            if isinstance(values[column], str) and not values[column].strip():
-                raise RowError("empty", f"column {column!r} is empty")
-        try:
-            prompt = self.prompt_t.format(**values)
-            completion = self.completion_t.format(**values)
-        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
-            raise RowError("template_error", f"{type(err).__name__}: {err}") from err
-        return {"prompt": prompt, "completion": completion}
-
-    # -- text
-    def _render_text(self, values: dict) -> dict:
-        if self.text_column not in values:
-            raise RowError("missing_column", self.text_column)
-        text = values[self.text_column]
-        if not isinstance(text, str) or not text.strip():
-            raise RowError("empty", f"column {self.text_column!r} is empty")
-        return {"text": text}
-
-    def render(self, values: dict) -> dict:
-        return {"chat": self._render_chat, "instruction": self._render_instruction, "text": self._render_text}[
-            self.kind
-        ](values)
-
-    # -- tokens, a batch at a time (the fast tokenizer encodes a list in one call)
-    def _tokenize(self, rendered: list[dict]) -> list[dict]:
-        tok = self.tok
-        if self.kind == "text":
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-            ids = tok([r["text"] for r in rendered], add_special_tokens=False)["input_ids"]
-            return [{"input_ids": bos + x + eos} for x in ids]
-        if self.kind == "instruction":
-            prompts = tok([r["prompt"] for r in rendered], add_special_tokens=True)["input_ids"]
-            completions = tok([r["completion"] for r in rendered], add_special_tokens=False)["input_ids"]
-            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-            records = []
-            for r, p, c in zip(rendered, prompts, completions):
-                c = c + eos
-                labels = p + c if self.loss_on == "all" else [IGNORE] * len(p) + c
-                records.append({"input_ids": p + c, "labels": labels, "prompt_ids": p, "reference": r["completion"]})
-            return records
-        enc = tok([r["text"] for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        prompts = tok([r["prompt"] for r in rendered], add_special_tokens=False)["input_ids"]
-        records = []
-        for r, ids, offsets, p in zip(rendered, enc["input_ids"], enc["offset_mapping"], prompts):
-            if self.loss_on == "all":
-                labels = list(ids)
-            else:
-                # A token is labelled when any of its characters is in an assistant span:
-                # every character of an answer is learned, also when a merge joins the
-                # answer's first character to the template text before it.
-                labels = [
-                    t if end > start and any(start < e and s < end for s, e in r["spans"]) else IGNORE
-                    for t, (start, end) in zip(ids, offsets)
-                ]
-            records.append({"input_ids": ids, "labels": labels, "prompt_ids": p, "reference": r["reference"]})
-        return records
-
-    def _finish(self, record: dict) -> dict:
-        record["truncated"] = False
-        if len(record["input_ids"]) > self.max_length:
-            if not self.truncate:
-                raise RowError("over_length", f"{len(record['input_ids'])} > {self.max_length} tokens")
-            record["input_ids"] = record["input_ids"][: self.max_length]
-            record["labels"] = record["labels"][: self.max_length]
-            record["truncated"] = True
-        # the first label of an example is never learned (nothing predicts it)
-        if not any(label != IGNORE for label in record["labels"][1:]):
-            raise RowError("no_label_tokens", "no token after the first carries a label")
-        return record
-
-    def encode_rows(self, rows: list[SourceRow]) -> list[dict | RowError]:
-        """One result per row, in order: a record, or the RowError that drops it."""
-        results: list[dict | RowError | None] = [None] * len(rows)
-        rendered, positions = [], []
-        for i, row in enumerate(rows):
-            if row.problem:
-                results[i] = RowError(row.problem, row.detail)
-                continue
-            try:
-                rendered.append(self.render(row.values))
-                positions.append(i)
-            except RowError as err:
-                results[i] = err
-        if rendered:
-            for i, record in zip(positions, self._tokenize(rendered)):
-                if self.kind == "text":
-                    results[i] = record
-                    continue
-                try:
-                    results[i] = self._finish(record)
-                except RowError as err:
-                    results[i] = err
-        return results
-
-    def encode(self, values: dict) -> dict:
-        """One row (a test and debugging convenience); raises RowError for a dropped row."""
-        result = self.encode_rows([SourceRow("row 1", values)])[0]
-        if isinstance(result, RowError):
-            raise result
-        return result
 
 
 # --------------------------------------------------------------------------- datasets.map

@@ -23,6 +23,11 @@ ENCODING_KEYS = {
     "instruction": ("prompt", "completion", "loss_on", "truncation"),
     "chat": ("messages_column", "chat_template", "loss_on", "truncation"),
 }
+# Chat settings that say how a row becomes a conversation (formats.py). They enter the
+# encoding, all of them, only when one differs from its schema default: a spec without
+# them means the openai format at its defaults, so data_ids written before formats
+# existed stay the same.
+CHAT_FORMAT_KEYS = ("format", "columns", "tags", "roles_to_train", "mask_history")
 
 
 def template_fields(template: str) -> list[tuple[str, int]]:

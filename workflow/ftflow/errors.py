@@ -23,6 +23,15 @@ class ConfigError(FtflowError):
         super().__init__(text)
 
 
+class RowError(Exception):
+    """One row that cannot be used: dropped and counted by `reason` (a key of data.DROP_REASONS)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
 class StageError(FtflowError):
     """A job failed for a reason tied to one experiment and stage."""
 
