@@ -26,6 +26,7 @@ PLANNER_MAY_IMPORT = {
     "ftflow.paths",
     "ftflow.schedule",
     "ftflow.encoding",
+    "ftflow.formats",
     "ftflow.atomic",
     "ftflow.fields",
     "ftflow.sources",

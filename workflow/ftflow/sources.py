@@ -13,7 +13,7 @@ UTF-8, a line that is not JSON) is kept as a `SourceRow` with a `problem`, so
 that tokenization counts it among the dropped rows instead of losing it.
 
 This module imports nothing heavy at the top: the planner (ftflow.config) uses `local_files`,
-`peek_columns` and `check_split_settings` while Snakemake plans the DAG.
+`peek_columns`, `peek_rows` and `check_split_settings` while Snakemake plans the DAG.
 """
 
 from __future__ import annotations
@@ -195,6 +195,32 @@ def peek_columns(path: str, limit: int = PEEK_ROWS) -> tuple[list[set[str]], str
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
             header = next(csv.reader(handle), [])
         return [set(header)], "row"
+    peeked = peek_rows(path, limit)
+    if peeked is None:
+        return None
+    return [set(values) for values in peeked[0]], peeked[1]
+
+
+def peek_rows(path: str, limit: int = PEEK_ROWS) -> tuple[list[dict], str] | None:
+    """The first rows of a local file, cheaply: ([values of row 1, ...], row label).
+
+    None for .txt files and when the file cannot be peeked at cheaply (a large .json
+    array). Rows that cannot be read are skipped: tokenization reports them.
+    """
+    ext = _extension(path)
+    if ext == ".txt":
+        return None
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        first = next(pq.ParquetFile(path).iter_batches(batch_size=limit), None)
+        return (first.to_pylist() if first is not None else []), "row"
+    if ext == ".csv":
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            rows = [dict(values) for values, _ in zip(csv.DictReader(handle), range(limit))]
+        for values in rows:
+            values.pop(None, None)
+        return rows, "row"
     if ext == ".json" and os.path.getsize(path) > PEEK_JSON_BYTES:
         return None
     if ext == ".json":
@@ -212,8 +238,7 @@ def peek_columns(path: str, limit: int = PEEK_ROWS) -> tuple[list[set[str]], str
                 if len(rows) >= limit:
                     break
         rows = [_checked("", _loads(raw)) for raw in rows]
-    columns = [set(r.values) for r in rows[:limit] if r.values is not None]
-    return columns, "line" if ext == ".jsonl" else "item"
+    return [r.values for r in rows[:limit] if r.values is not None], "line" if ext == ".jsonl" else "item"
 
 
 def _loads(raw: bytes) -> Any:

@@ -4,7 +4,8 @@ A tokenization job is named by a hash of exactly what changes its tokens
 (`tokenization_settings` plus the source's fingerprint), so experiments
 share tokenized data, and editing a data file, a template or a generator's
 code re-tokenizes while editing a dataset's metrics does not. Local files are
-also peeked at here, so a missing column fails before any job.
+also peeked at here, so a missing column, rows in another chat format than the
+one set, or tools for a chat template that cannot render them fail before any job.
 """
 
 from __future__ import annotations
@@ -14,17 +15,33 @@ import hashlib
 import inspect
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from ..atomic import write_if_changed
-from ..encoding import DEFAULT_LOSS_ON, ENCODING_KEYS, TOKENIZATION_VERSION, split_template, template_columns
+from ..encoding import (
+    CHAT_FORMAT_KEYS,
+    DEFAULT_LOSS_ON,
+    ENCODING_KEYS,
+    TOKENIZATION_VERSION,
+    split_template,
+    template_columns,
+)
 from ..errors import ConfigError, FtflowError
+from ..formats import SETTINGS_WHEN_ABSENT, guess_format, row_fits, row_uses_tools, template_supports_tools
 from ..generators import GENERATORS
 from ..hashing import content_hash
-from ..sources import LOCAL_EXTENSIONS, SPLITS, check_split_settings, cut_splits, local_files, peek_columns
+from ..sources import LOCAL_EXTENSIONS, SPLITS, check_split_settings, cut_splits, local_files, peek_columns, peek_rows
 from ..specs import DatasetSpec
-from .checks import check_keys, check_name, did_you_mean
-from .schema import DATASET_DEFAULTS, LOSS_ON, primary_metric_choices
+from .checks import check_choice, check_keys, check_name, did_you_mean
+from .schema import (
+    DATASET_DEFAULTS,
+    FORMAT_COLUMNS,
+    FORMATS,
+    LOSS_ON,
+    TAG_DEFAULTS,
+    TRAINABLE_ROLES,
+    primary_metric_choices,
+)
 
 # Dataset keys that only one kind, or one kind of source, reads.
 KIND_ONLY_KEYS = {
@@ -34,6 +51,11 @@ KIND_ONLY_KEYS = {
     "text_column": "text",
     "messages_column": "chat",
     "chat_template": "chat",
+    "format": "chat",
+    "columns": "chat",
+    "tags": "chat",
+    "roles_to_train": "chat",
+    "mask_history": "chat",
 }
 SOURCE_ONLY_KEYS = {
     "subset": ("hub", "modelscope"),
@@ -44,11 +66,26 @@ SOURCE_ONLY_KEYS = {
 PEEK_FILES = 3  # files of a glob whose first rows are checked at config time
 
 
-def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
+@dataclass(frozen=True)
+class FormattedDatasetSpec(DatasetSpec):
+    """A dataset with its chat format settings (kind chat; schema defaults for the other kinds).
+
+    These fields belong in specs.DatasetSpec; they are kept here, in a subclass that every
+    user of DatasetSpec accepts, until specs.py (changed elsewhere at the same time) takes them.
+    """
+
+    format: str  # openai | sharegpt | alpaca
+    columns: dict | None  # the format's columns but the conversation's (messages_column), resolved
+    tags: dict | None  # sharegpt: the turn keys and role names, resolved; None for other formats
+    roles_to_train: list  # roles whose turns carry labels, in the schema's order
+    mask_history: bool  # label only the last trainable turn
+
+
+def resolve_dataset(name: str, raw: dict) -> FormattedDatasetSpec:
     """A dataset with the schema's defaults filled in; kind, metric and truncation names the schema has checked."""
     path = f"datasets.{name}"
     check_name(path, name, "dataset")
-    check_keys(path, raw, DatasetSpec.__dataclass_fields__.keys() - {"name"})
+    check_keys(path, raw, FormattedDatasetSpec.__dataclass_fields__.keys() - {"name"})
     if "source" not in raw:
         raise ConfigError(
             f"{path}.source", "missing", "a path or glob, 'hub:<id>', 'modelscope:<id>' or 'generator:<name>'"
@@ -72,8 +109,64 @@ def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
             f"{path}.loss_on", f"{loss_on!r} does not apply to a {kind} dataset", f"one of {', '.join(allowed_loss)}"
         )
     _check_kind_keys(path, raw, values, kind)
+    if kind == "chat":
+        resolve_chat_format(path, values)
     _check_splits(path, values)
-    return DatasetSpec(name=name, **values)
+    return FormattedDatasetSpec(name=name, **values)
+
+
+def resolve_chat_format(path: str, values: dict) -> None:
+    """Fill in a chat dataset's format settings: the format's columns, sharegpt's tags, the
+    conversation column (`messages_column`, the same as `columns.messages`)."""
+    fmt = values["format"]
+    check_choice(f"{path}.format", fmt, FORMATS, "format")
+    own = FORMAT_COLUMNS[fmt]
+    given = values["columns"] or {}
+    for key in given:
+        if key not in own:
+            raise ConfigError(
+                f"{path}.columns.{key}", f"format {fmt} has no such column", f"its columns: {', '.join(own)}"
+            )
+    columns = {**own, **given}
+    conversation_column = columns.pop("messages", None)
+    if values["messages_column"] is not None:
+        if fmt == "alpaca":
+            raise ConfigError(
+                f"{path}.messages_column",
+                "an alpaca row has no conversation column",
+                "name its columns under columns: prompt, query, response, system, history, tools",
+            )
+        if given.get("messages", values["messages_column"]) != values["messages_column"]:
+            raise ConfigError(f"{path}.columns.messages", "differs from messages_column", "set only one of them")
+        conversation_column = values["messages_column"]
+    values["messages_column"] = conversation_column
+    values["columns"] = columns
+    if values["tags"] is not None and fmt != "sharegpt":
+        raise ConfigError(f"{path}.tags", f"applies to format sharegpt; this dataset's is {fmt}", "remove it")
+    if fmt == "sharegpt":
+        check_keys(f"{path}.tags", values["tags"] or {}, TAG_DEFAULTS)
+        values["tags"] = {**TAG_DEFAULTS, **(values["tags"] or {})}
+    roles = values["roles_to_train"]
+    if not isinstance(roles, list) or not roles:
+        raise ConfigError(f"{path}.roles_to_train", "expected a list of roles", f"of {', '.join(TRAINABLE_ROLES)}")
+    for role in roles:
+        check_choice(f"{path}.roles_to_train", role, TRAINABLE_ROLES, "role")
+    values["roles_to_train"] = [role for role in TRAINABLE_ROLES if role in roles]  # one order, one data_id
+
+
+def _chat_format_at_defaults() -> dict:
+    """The format settings of a chat dataset that sets none: the tokenize job assumes exactly
+    these when a spec has no format keys (formats.SETTINGS_WHEN_ABSENT), so check they agree."""
+    values = {**copy.deepcopy(DATASET_DEFAULTS), "kind": "chat"}
+    resolve_chat_format("datasets.<default>", values)
+    settings = {key: values[key] for key in CHAT_FORMAT_KEYS}
+    if settings != SETTINGS_WHEN_ABSENT or values["messages_column"] != "messages":
+        # A programming error, not a config error: the schema and formats.py are edited together.
+        raise RuntimeError(f"the schema's chat format defaults {settings} differ from {SETTINGS_WHEN_ABSENT}")
+    return settings
+
+
+CHAT_FORMAT_AT_DEFAULTS = _chat_format_at_defaults()
 
 
 def _check_kind_keys(path: str, raw: dict, values: dict, kind: str) -> None:
@@ -156,11 +249,16 @@ def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
     source = dataset.source
     scheme = source.partition(":")[0] if isinstance(source, str) and ":" in source else "local"
     options = {key: values[key] for key, schemes in SOURCE_ONLY_KEYS.items() if scheme in schemes}
+    encoding = {key: values[key] for key in ENCODING_KEYS[dataset.kind]}
+    if dataset.kind == "chat":
+        chat_format = {key: values[key] for key in CHAT_FORMAT_KEYS}
+        if chat_format != CHAT_FORMAT_AT_DEFAULTS:  # at the defaults, data_id is what it was before formats
+            encoding.update(chat_format)
     return {
         "kind": dataset.kind,
         "source": source,
         "source_options": options,
-        "encoding": {key: values[key] for key in ENCODING_KEYS[dataset.kind]},
+        "encoding": encoding,
         "splits": dataset.splits,
         "version": TOKENIZATION_VERSION,
     }
@@ -238,11 +336,15 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
             else [("prompt", dataset.prompt), ("completion", dataset.completion)]
         )
         needed = [(f"{dataset_path}.{key}", column) for key, text in templates for column in template_columns(text)]
+    elif dataset.kind == "chat" and dataset.format == "alpaca":
+        needed = [(f"{dataset_path}.columns.{key}", dataset.columns[key]) for key in ("prompt", "response")]
     elif dataset.kind == "chat":
         needed = [(f"{dataset_path}.messages_column", dataset.messages_column)]
     else:
         needed = [(f"{dataset_path}.text_column", dataset.text_column)]
     for file in files[:PEEK_FILES]:
+        if dataset.kind == "chat":
+            _check_chat_rows(dataset, dataset_path, file, workdir)
         peeked = peek_columns(file)
         if peeked is None or not peeked[0]:
             continue  # unreadable or too large to peek at: tokenization reports it per row
@@ -256,6 +358,40 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
                     key,
                     f"column {column!r} is in none of {scope}; its columns are {', '.join(sorted(present)) or 'none'}",
                     did_you_mean(column, sorted(present)),
+                )
+
+
+def _check_chat_rows(dataset: FormattedDatasetSpec, path: str, file: str, workdir: str) -> None:
+    """A file whose first rows are in another chat format than the one set, or that carry tools
+    a chat template given in the config cannot render, is a config error naming what to set."""
+    peeked = peek_rows(file)
+    if not peeked or not peeked[0]:
+        return
+    rows, unit = peeked
+    where = os.path.relpath(file, workdir)
+    settings = {key: getattr(dataset, key) for key in (*CHAT_FORMAT_KEYS, "messages_column")}
+    if not any(row_fits(row, settings) for row in rows):
+        for number, row in enumerate(rows, start=1):
+            guess = guess_format(row)
+            if guess and guess[0] != dataset.format:
+                fmt, column, evidence = guess
+                fix = f"set format: {fmt}"
+                if column and column != FORMAT_COLUMNS[fmt]["messages"]:
+                    fix += f" and messages_column: {column}"
+                raise ConfigError(
+                    f"{path}.format",
+                    f"{where} ({unit} {number}) looks like {fmt} data ({evidence}), not {dataset.format}",
+                    fix,
+                )
+    template = template_text(dataset.chat_template, workdir, f"{path}.chat_template")
+    if template and not template_supports_tools(template):
+        for number, row in enumerate(rows, start=1):
+            if row_uses_tools(row, settings):
+                raise ConfigError(
+                    f"{path}.chat_template",
+                    f"{where} ({unit} {number}) has tools or tool calls, but the chat template never mentions "
+                    "tools or tool_calls, so it cannot render them",
+                    "set chat_template to one with tool support, e.g. the model family's own",
                 )
 
 

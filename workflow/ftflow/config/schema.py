@@ -76,6 +76,11 @@ MODEL_DEFAULTS = {key: prop["default"] for key, prop in _MODEL.items() if "defau
 METHOD_NAMES = tuple(_STAGE["method"]["enum"])
 INIT_FROM = tuple(_STAGE["init_from"]["enum"])
 LOSS_ON = tuple(v for v in _DATASET["loss_on"]["enum"] if v is not None)
+# Chat formats: each one's columns under LLaMA-Factory's keys, sharegpt's turn keys and roles.
+FORMATS = tuple(_DATASET["format"]["enum"])
+FORMAT_COLUMNS: dict[str, dict[str, str]] = _DATASET["columns"]["x-by-format"]
+TAG_DEFAULTS = {key: prop["default"] for key, prop in _DATASET["tags"]["properties"].items()}
+TRAINABLE_ROLES = tuple(_DATASET["roles_to_train"]["items"]["enum"])
 METRICS = tuple(SCHEMA["$defs"]["metric"]["enum"])
 METRIC_OUTPUTS: dict[str, tuple[str, ...]] = {
     name: tuple(out) for name, out in SCHEMA["$defs"]["metric"]["x-outputs"].items()
