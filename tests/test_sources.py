@@ -49,15 +49,66 @@ def test_every_local_format_gives_the_same_rows(tmp_path):
     assert [r.where for r in read_local("p.csv", str(tmp_path))] == ["p.csv row 1", "p.csv row 2"]
 
 
-def test_text_files_are_one_document_each_and_globs_read_in_sorted_order(tmp_path):
+CORPUS = "First paragraph, line one.\nFirst paragraph, line two.\n\n\nSecond paragraph.\n  \nThird, line one.\nThird, line two.\n"
+
+
+def test_text_files_by_line_paragraph_or_file_and_globs_read_in_sorted_order(tmp_path):
     (tmp_path / "corpus" / "b").mkdir(parents=True)
     (tmp_path / "corpus" / "z.txt").write_text("last", encoding="utf-8")
-    (tmp_path / "corpus" / "a.txt").write_text("first\n\nstill the first document", encoding="utf-8")
-    (tmp_path / "corpus" / "b" / "m.txt").write_text("nested", encoding="utf-8")
-    rows = read_local("corpus/**/*.txt", str(tmp_path))
-    assert values(rows) == [{"text": "first\n\nstill the first document"}, {"text": "nested"}, {"text": "last"}]
+    (tmp_path / "corpus" / "a.txt").write_text(CORPUS, encoding="utf-8")
+    (tmp_path / "corpus" / "b" / "m.txt").write_text("nested\n", encoding="utf-8")
+    lines = read_local("corpus/**/*.txt", str(tmp_path), text_split="line")
+    assert [(r.where, r.values["text"]) for r in lines] == [
+        ("a.txt line 1", "First paragraph, line one."),
+        ("a.txt line 2", "First paragraph, line two."),
+        ("a.txt line 5", "Second paragraph."),
+        ("a.txt line 7", "Third, line one."),
+        ("a.txt line 8", "Third, line two."),
+        ("m.txt line 1", "nested"),
+        ("z.txt line 1", "last"),
+    ]
+    paragraphs = read_local("corpus/a.txt", str(tmp_path), text_split="paragraph")
+    assert [(r.where, r.values["text"]) for r in paragraphs] == [
+        ("a.txt lines 1-2", "First paragraph, line one.\nFirst paragraph, line two."),
+        ("a.txt line 5", "Second paragraph."),
+        ("a.txt lines 7-8", "Third, line one.\nThird, line two."),
+    ]
+    assert values(read_local("corpus/a.txt", str(tmp_path), text_split="file")) == [{"text": CORPUS}]
+    (tmp_path / "corpus" / "bad.txt").write_bytes(b"good line\nbad \xff line\n")
+    assert [(r.where, r.problem) for r in read_local("corpus/bad.txt", str(tmp_path), text_split="line")] == [
+        ("bad.txt line 1", None),
+        ("bad.txt line 2", "not_utf8"),
+    ]
     with pytest.raises(FtflowError, match="no file matches"):
         read_local("corpus/*.jsonl", str(tmp_path))
+
+
+def test_a_json_object_is_read_only_as_named_row_lists(tmp_path):
+    (tmp_path / "one.json").write_text(json.dumps({"data": POEMS}, ensure_ascii=False), encoding="utf-8")
+    rows = read_local("one.json", str(tmp_path))
+    assert values(rows) == POEMS and rows[0].where == "one.json data item 1"
+    both = {"train": POEMS, "test": POEMS[:1]}
+    (tmp_path / "both.json").write_text(json.dumps(both, ensure_ascii=False), encoding="utf-8")
+    splits = load_source({"dataset": "p", "source": {"train": "both.json", "test": "both.json"}}, str(tmp_path))
+    assert values(splits["train"]) == POEMS and values(splits["test"]) == POEMS[:1]
+    with pytest.raises(FtflowError) as info:
+        read_local("both.json", str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path / 'both.json'}: the top-level object holds several row lists ('train', 'test'); say which split "
+        "reads which, e.g. source: {train: both.json, test: both.json} with keys named for the splits"
+    )
+    (tmp_path / "row.json").write_text(json.dumps(POEMS[0], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(FtflowError) as info:
+        read_local("row.json", str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path / 'row.json'}: the top level is a JSON object, not a list of rows; ftflow reads an array of "
+        "objects [{...}, ...], one object per line (JSON Lines), or an object whose values are such arrays "
+        '({"train": [...], "test": [...]})'
+    )
+    columns = {"title": {"0": "春晓"}, "content": {"0": "春眠不觉晓"}}  # pandas' default to_json()
+    (tmp_path / "pandas.json").write_text(json.dumps(columns, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(FtflowError, match="it looks like pandas' to_json\\(\\); write it with orient=\"records\""):
+        read_local("pandas.json", str(tmp_path))
 
 
 def test_split_mapping_source(tmp_path):
@@ -81,7 +132,9 @@ def test_unreadable_rows_are_kept_as_problems_not_lost(tmp_path):
     (tmp_path / "p.json").write_bytes(b'[{"a": "ok"}, {"a": "\xc3"}]')
     assert [r.problem for r in read_local("p.json", str(tmp_path))] == [None, "not_utf8"]
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
-    assert [(r.where, r.problem) for r in read_local("bad.txt", str(tmp_path))] == [("bad.txt", "not_utf8")]
+    assert [(r.where, r.problem) for r in read_local("bad.txt", str(tmp_path), text_split="file")] == [
+        ("bad.txt", "not_utf8")
+    ]
 
 
 # --------------------------------------------------------------------------- generators, hub, ModelScope

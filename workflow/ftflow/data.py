@@ -5,7 +5,8 @@ Output folder `results/data/{data_id}/`:
                              (+ prompt_ids and reference, for generation at eval time)
   stats.json                 per split: rows in / kept / dropped by reason (with the
                              first dropped row of each reason), truncated rows, tokens,
-                             label tokens, the length distribution
+                             label tokens, the length distribution; `warnings`: each split
+                             that lost more than 5% of its rows, with the reasons and the fix
 
 Kinds:
   text         documents joined with EOS and cut into blocks of max_length tokens
@@ -48,6 +49,19 @@ DROP_REASONS = {
     "over_length": "longer than max_length tokens (truncation: drop)",
     "no_label_tokens": "no token is left to learn (e.g. truncation cut the whole answer)",
 }
+# What to change when a reason drops many rows: the tokenize log and stats.json's warnings say it.
+DROP_FIXES = {
+    "empty": "fill or remove the rows with nothing to learn",
+    "missing_column": "name the right columns (template, messages_column, text_column) or map the format with `format:`",
+    "not_utf8": "re-save the file as UTF-8",
+    "invalid_json": "fix the lines that are not JSON objects",
+    "invalid_messages": "map the format with `format:` (messages must be a list of {role, content})",
+    "template_error": "fix the template, or map the format with `format:`",
+    "over_length": "raise max_length or set truncation: truncate",
+    "no_label_tokens": "raise max_length (truncation cut the whole answer)",
+}
+# A split that loses more than this share of its rows is a warning in the log, stats.json and the report.
+DROPPED_SHARE_WARNING = 0.05
 # Worker processes for datasets.map pay only where Python work per row dominates:
 # chat rows (four or more Jinja renders each, ~1.4 ms a row on one core). A fast
 # tokenizer already spreads a batch over all cores in Rust, so instruction and
@@ -413,14 +427,52 @@ def length_stats(lengths: list[int]) -> dict:
     }
 
 
-def _drop_stats(encoded) -> tuple[Counter, dict]:
+def _drop_stats(encoded) -> tuple[Counter, dict, int]:
+    """(rows dropped by reason, the first dropped row of each reason, the longest over_length row's tokens)."""
     dropped: Counter = Counter()
     first: dict[str, dict] = {}
+    longest = 0
     for where, drop, detail in zip(encoded["where"], encoded["drop"], encoded["detail"]):
         if drop:
             dropped[drop] += 1
             first.setdefault(drop, {"row": where, "detail": detail})
-    return dropped, first
+            if drop == "over_length":  # the detail is "<tokens> > <max_length> tokens" (Encoder._finish)
+                longest = max(longest, int(detail.split(" > ", 1)[0]))
+    return dropped, first, longest
+
+
+def drop_warning(name: str, split: str, split_stats: dict, max_length: int) -> dict | None:
+    """The warning of a split that lost more than DROPPED_SHARE_WARNING of its rows, or None.
+
+    It names the split, the share, the reasons by count and what to change, so
+    that a fifth of the data lost to max_length is never silent.
+    """
+    rows_in, dropped = split_stats["rows_in"], split_stats["dropped"]
+    lost = sum(dropped.values())
+    if not rows_in or lost / rows_in <= DROPPED_SHARE_WARNING:
+        return None
+    reasons = dict(Counter(dropped).most_common())
+    fixes = []
+    for reason in reasons:
+        fix = DROP_FIXES[reason]
+        if reason == "over_length":
+            longest = split_stats.get("longest_dropped")
+            longest_text = f"; the longest dropped row has {longest} tokens" if longest else ""
+            fix = f"raise max_length (now {max_length}{longest_text}) or set truncation: truncate"
+        if fix not in fixes:
+            fixes.append(fix)
+    share = lost / rows_in
+    counts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    return {
+        "split": split,
+        "share": round(share, 4),
+        "dropped": lost,
+        "rows_in": rows_in,
+        "reasons": reasons,
+        "fix": "; ".join(fixes),
+        "message": f"datasets.{name}: {share:.0%} of the {split} rows dropped ({lost} of {rows_in}: {counts}); "
+        + "; ".join(fixes),
+    }
 
 
 def _unusable_split_error(name: str, split: str, dropped: Counter, first: dict) -> FtflowError:
@@ -478,6 +530,8 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
     stats = stats_header(spec, tokenizer, held_out)
     with atomic_dir(out) as tmp:
         for split, rows in splits.items():
+            if not rows:
+                raise FtflowError(empty_split_message(spec, split))
             stats["splits"][split] = split_stats = save_split(
                 spec["dataset"], split, rows, encoder, os.path.join(tmp, split), num_proc
             )
@@ -489,6 +543,10 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
                 split_stats["kept"],
                 split_stats["dropped"] or "none",
             )
+            warning = drop_warning(spec["dataset"], split, split_stats, spec["max_length"])
+            if warning:
+                log.warning("%s", warning["message"])
+                stats["warnings"].append(warning)
         stats["seconds"] = round(time.perf_counter() - started, 2)
         write_json(os.path.join(tmp, "stats.json"), stats)
     return stats
@@ -497,7 +555,17 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
 def read_splits(spec: dict, workdir: str) -> tuple[dict[str, list[SourceRow]], Any]:
     """({split: rows}, in SPLITS order, after held-out cuts and smoke-mode row caps; what was held out)."""
     raw = load_source(spec, workdir)
-    raw, held_out = cut_splits(raw, spec.get("splits"), spec["dataset"])
+    text_split = (spec.get("source_options") or {}).get("text_split")
+    hint = (
+        f" (with text_split: {text_split} a .txt file is one row; text_split: line or paragraph gives one per line or paragraph)"
+        if text_split == "file"
+        else ""
+    )
+    raw, held_out = cut_splits(raw, spec.get("splits"), spec["dataset"], few_rows_hint=hint)
+    for split in ("validation", "test"):
+        # the default holds out nothing from fewer than 3 rows; evaluation stops on it too
+        if split not in raw and split not in (spec.get("splits") or {}):
+            log.warning("%s: no %s split, from %d training rows%s", spec["dataset"], split, len(raw["train"]), hint)
     caps = spec.get("row_caps") or {}
     splits = {}
     for split in SPLITS:
@@ -520,7 +588,25 @@ def stats_header(spec: dict, tokenizer, held_out) -> dict[str, Any]:
         "row_caps": spec.get("row_caps") or None,  # smoke mode reads only the first rows of each split
         "drop_reasons": DROP_REASONS,
         "splits": {},
+        "warnings": [],  # drop_warning of each split that lost more than 5% of its rows
     }
+
+
+def empty_split_message(spec: dict, split: str) -> str:
+    """A split the source gives without a row, named by the config key that gives it its rows."""
+    path = f"datasets.{spec['dataset']}"
+    if isinstance(spec["source"], dict):
+        path += f".source.{split}"
+    elif (spec.get("source_options") or {}).get("hub_splits"):
+        path += f".hub_splits.{split}"
+    else:
+        path += ".source"
+    if split == "train":
+        return f"{path}: the train split has no rows (empty files, or only blank lines)"
+    return (
+        f"{path}: the {split} split has no rows; give it rows, or leave it out of the source "
+        f"so that `splits` cuts it from train"
+    )
 
 
 def save_split(
@@ -530,7 +616,7 @@ def save_split(
     from datasets import Dataset
 
     encoded, used_proc = encode_split(rows, encoder, num_proc)
-    dropped, first = _drop_stats(encoded)
+    dropped, first, longest = _drop_stats(encoded)
     if rows and len(dropped) and sum(dropped.values()) == len(rows):
         raise _unusable_split_error(name, split, dropped, first)
     stats: dict[str, Any] = {"rows_in": len(rows), "kept": len(rows) - sum(dropped.values())}
@@ -553,6 +639,7 @@ def save_split(
         {
             "dropped": dict(dropped),
             "first_dropped": first,
+            "longest_dropped": longest or None,  # tokens of the longest over_length row
             "truncated": truncated,
             "tokens": int(sum(lengths)),
             "label_tokens": int(sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in saved["labels"])),

@@ -156,6 +156,8 @@ def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
     source = dataset.source
     scheme = source.partition(":")[0] if isinstance(source, str) and ":" in source else "local"
     options = {key: values[key] for key, schemes in SOURCE_ONLY_KEYS.items() if scheme in schemes}
+    if scheme == "local" and _has_text_files(source, workdir):
+        options["text_split"] = dataset.text_split  # only here, so other sources keep their data_id
     return {
         "kind": dataset.kind,
         "source": source,
@@ -164,6 +166,11 @@ def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
         "splits": dataset.splits,
         "version": TOKENIZATION_VERSION,
     }
+
+
+def _has_text_files(source: str | dict, workdir: str) -> bool:
+    patterns = source.values() if isinstance(source, dict) else [source]
+    return any(f.lower().endswith(".txt") for pattern in patterns for f in local_files(pattern, workdir))
 
 
 def template_text(template: str | None, workdir: str, path: str) -> str | None:
@@ -242,8 +249,12 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
         needed = [(f"{dataset_path}.messages_column", dataset.messages_column)]
     else:
         needed = [(f"{dataset_path}.text_column", dataset.text_column)]
+    split = path.rpartition(".source.")[2] if ".source." in path else None
     for file in files[:PEEK_FILES]:
-        peeked = peek_columns(file)
+        try:
+            peeked = peek_columns(file, split=split)
+        except FtflowError as err:  # a .json file of a shape ftflow does not read
+            raise ConfigError(path, str(err).replace(f"{file}:", f"{os.path.relpath(file, workdir)}:", 1)) from None
         if peeked is None or not peeked[0]:
             continue  # unreadable or too large to peek at: tokenization reports it per row
         rows, unit = peeked
