@@ -107,7 +107,7 @@ def test_a_json_object_is_read_only_as_named_row_lists(tmp_path):
     )
     columns = {"title": {"0": "春晓"}, "content": {"0": "春眠不觉晓"}}  # pandas' default to_json()
     (tmp_path / "pandas.json").write_text(json.dumps(columns, ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(FtflowError, match="it looks like pandas' to_json\\(\\); write it with orient=\"records\""):
+    with pytest.raises(FtflowError, match='it looks like pandas\' to_json\\(\\); write it with orient="records"'):
         read_local("pandas.json", str(tmp_path))
 
 
@@ -236,6 +236,21 @@ def test_cut_splits_uses_the_source_splits_and_a_small_default():
         cut_splits({"test": [1]}, None, "d")
 
 
+def test_a_split_asked_for_that_holds_out_nothing_is_an_error():
+    with pytest.raises(FtflowError) as info:
+        cut_splits({"train": [1]}, {"validation": 0.1, "test": 0.1}, "corpus", few_rows_hint=" (more rows: ...)")
+    assert str(info.value) == (
+        "datasets.corpus.splits.validation: 0.1 of 1 training row holds out no row (a fraction needs at least 3 rows); "
+        "give more rows or ask for a row count (more rows: ...)"
+    )
+    with pytest.raises(FtflowError, match=r"datasets\.d\.splits\.test: 0\.5 of 2 training rows holds out no row"):
+        cut_splits({"train": [1, 2], "validation": [3]}, {"test": 0.5}, "d")
+    with pytest.raises(FtflowError, match=r"datasets\.d\.source: the train split has no rows"):
+        cut_splits({"train": []}, None, "d")
+    kept, cut = cut_splits({"train": [1, 2]}, None, "d")
+    assert cut == {} and list(kept) == ["train"], "the default holds out nothing from 2 rows (evaluation says so)"
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
@@ -355,6 +370,15 @@ def test_data_config_errors_before_any_job(poems_dir, change, expected):
     assert expected in config_error(poems_dir, dataset)
 
 
+def test_a_json_object_is_a_config_error_before_any_job(poems_dir):
+    (poems_dir / "poems.json").write_text(json.dumps(POEMS[0], ensure_ascii=False), encoding="utf-8")
+    message = config_error(poems_dir, {**POEM_DATASET, "source": "poems.json"})
+    assert message.startswith("datasets.poems.source: poems.json: the top level is a JSON object, not a list of rows")
+    assert "\n" not in message
+    (poems_dir / "poems.json").write_text(json.dumps({"train": POEMS}, ensure_ascii=False), encoding="utf-8")
+    assert plan(poems_dir, {**POEM_DATASET, "source": "poems.json"}).experiments["e"].stages[0].data_id
+
+
 def test_unsupported_file_type_is_a_config_error(poems_dir):
     (poems_dir / "poems.xlsx").write_bytes(b"PK")
     assert "datasets.poems.source: unsupported file type: poems.xlsx" in config_error(
@@ -401,6 +425,18 @@ def test_data_id_changes_with_what_changes_tokens_only(poems_dir):
     )
     (poems_dir / "poems.jsonl").write_text(jsonl(POEMS[::-1]), encoding="utf-8")
     assert data_id(poems_dir, POEM_DATASET) != base, "the file's content"
+
+
+def test_text_split_is_part_of_data_id_only_for_text_files(poems_dir):
+    base = data_id(poems_dir, POEM_DATASET)
+    assert base == "poems-a905e1fbf702", "the data_id this dataset had before text_split existed"
+    assert data_id(poems_dir, {**POEM_DATASET, "text_split": "paragraph"}) == base
+    (poems_dir / "corpus.txt").write_text("one\ntwo\n", encoding="utf-8")
+    corpus = {"source": "corpus.txt", "kind": "text"}
+    ids = {split: data_id(poems_dir, {**corpus, "text_split": split}) for split in ("line", "paragraph", "file")}
+    assert len(set(ids.values())) == 3 and data_id(poems_dir, corpus) == ids["line"], "line is the default"
+    mapping = {"source": {"train": "corpus.txt", "test": "corpus.txt"}, "kind": "text"}
+    assert data_id(poems_dir, mapping) != data_id(poems_dir, {**mapping, "text_split": "file"})
 
 
 def test_chat_template_file_content_is_part_of_data_id(tmp_path):
