@@ -397,7 +397,7 @@ def test_one_text_file_gives_validation_and_test_blocks(tokenizer_dir, tmp_path,
     assert stats["warnings"] == []
 
 
-def test_a_text_file_read_whole_cannot_be_split_and_says_how_to(tokenizer_dir, tmp_path):
+def test_a_text_file_read_whole_cannot_be_split_and_says_how_to(tokenizer_dir, tmp_path, caplog):
     (tmp_path / "corpus.txt").write_text(PARAGRAPHS, encoding="utf-8")
     spec = write_spec(
         tmp_path,
@@ -415,6 +415,22 @@ def test_a_text_file_read_whole_cannot_be_split_and_says_how_to(tokenizer_dir, t
         "give more rows or ask for a row count (with text_split: file a .txt file is one row; "
         "text_split: line or paragraph gives one per line or paragraph)"
     )
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        kind="text",
+        source="corpus.txt",
+        source_options={"text_split": "file"},
+        encoding={"text_column": "text"},
+        splits=None,
+    )
+    with caplog.at_level("WARNING", logger="ftflow.data"):
+        stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    assert list(stats["splits"]) == ["train"], "the default holds out nothing from one row..."
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "poems: no validation split, from 1 training row",
+        "poems: no test split, from 1 training row",
+    ], "...and says so"
 
 
 def test_generator_is_deterministic_and_splits_do_not_share_rows():

@@ -460,7 +460,10 @@ def read_splits(spec: dict, workdir: str) -> tuple[dict[str, list[SourceRow]], A
     for split in ("validation", "test"):
         # the default holds out nothing from fewer than 3 rows; evaluation stops on it too
         if split not in raw and split not in (spec.get("splits") or {}):
-            log.warning("%s: no %s split, from %d training rows%s", spec["dataset"], split, len(raw["train"]), hint)
+            rows = len(raw["train"])
+            log.warning(
+                "%s: no %s split, from %d training row%s%s", spec["dataset"], split, rows, "s"[rows == 1 :], hint
+            )
     caps = spec.get("row_caps") or {}
     splits = {}
     for split in SPLITS:
