@@ -22,11 +22,13 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        try:
+    try:
+        with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
-        except yaml.YAMLError as err:
-            raise yaml_syntax_error(str(path), err) from None
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such config file") from None
+    except yaml.YAMLError as err:
+        raise yaml_syntax_error(str(path), err) from None
     return data or {}
 
 
