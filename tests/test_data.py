@@ -156,6 +156,7 @@ def test_text_is_joined_and_cut_into_full_blocks_without_padding(tokenizer_dir, 
         tokenizer_dir,
         kind="text",
         source="corpus/*.txt",
+        source_options={"text_split": "file"},
         encoding={"text_column": "text"},
         max_length=16,
         splits={"validation": 0, "test": 0, "seed": 0},
@@ -315,6 +316,121 @@ def test_a_split_where_every_row_is_bad_names_dataset_column_and_row(tokenizer_d
         and "5 x missing_column" in message
     )
     assert not (tmp_path / "out").exists(), "no output is left behind"
+
+
+def jsonl_file(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_a_split_that_loses_over_5_percent_of_its_rows_is_a_warning(tokenizer_dir, tmp_path, caplog):
+    short = {"title": "春", "content": "春眠不觉晓，处处闻啼鸟。"}
+    long = {"title": "长", "content": "长" * 200}
+    # train: 5 rows too long and 1 without its answer column of 20 (30%); test: 1 of 25 too long (4%)
+    jsonl_file(tmp_path / "train.jsonl", [short] * 14 + [long] * 5 + [{"title": "x"}])
+    jsonl_file(tmp_path / "test.jsonl", [short] * 24 + [long])
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        source={"train": "train.jsonl", "test": "test.jsonl"},
+        splits={"validation": 0, "seed": 0},
+    )
+    with caplog.at_level("WARNING", logger="ftflow.data"):
+        stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    fix = (
+        "raise max_length (now 64; the longest dropped row has 628 tokens) or set truncation: truncate; "
+        "name the right columns (template, messages_column, text_column) or map the format with `format:`"
+    )
+    assert stats["warnings"] == [
+        {
+            "split": "train",
+            "share": 0.3,
+            "dropped": 6,
+            "rows_in": 20,
+            "reasons": {"over_length": 5, "missing_column": 1},
+            "fix": fix,
+            "message": f"datasets.poems: 30% of the train rows dropped (6 of 20: 5 over_length, 1 missing_column); {fix}",
+        }
+    ], "the test split lost 4%: no warning"
+    assert stats["splits"]["test"]["dropped"] == {"over_length": 1} and stats["splits"]["test"]["kept"] == 24
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["warnings"] == stats["warnings"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [stats["warnings"][0]["message"]]
+
+
+def test_an_empty_split_is_an_error_naming_its_source(tokenizer_dir, tmp_path):
+    jsonl_file(tmp_path / "train.jsonl", [{"title": "春", "content": "春眠不觉晓"}] * 4)
+    (tmp_path / "test.jsonl").write_text("\n", encoding="utf-8")
+    spec = write_spec(
+        tmp_path, tokenizer_dir, source={"train": "train.jsonl", "test": "test.jsonl"}, splits={"validation": 0}
+    )
+    with pytest.raises(FtflowError) as info:
+        tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    assert str(info.value) == (
+        "datasets.poems.source.test: the test split has no rows; give it rows, or leave it out of the source "
+        "so that `splits` cuts it from train"
+    )
+
+
+# Thirty two-line paragraphs, as a user's corpus.txt: one document per line by default.
+PARAGRAPHS = "\n\n".join(f"Paragraph {i} starts here.\nIt ends on this line, number {i}." for i in range(30)) + "\n"
+
+
+@pytest.mark.parametrize("text_split, rows", [("line", (48, 6, 6)), ("paragraph", (24, 3, 3))])
+def test_one_text_file_gives_validation_and_test_blocks(tokenizer_dir, tmp_path, text_split, rows):
+    (tmp_path / "corpus.txt").write_text(PARAGRAPHS, encoding="utf-8")
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        kind="text",
+        source="corpus.txt",
+        source_options={"text_split": text_split},
+        encoding={"text_column": "text"},
+        max_length=16,
+        splits={"validation": 0.1, "test": 0.1, "seed": 0},
+    )
+    stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    assert tuple(stats["splits"][s]["rows_in"] for s in ("train", "validation", "test")) == rows
+    from datasets import load_from_disk
+
+    for split in ("validation", "test"):
+        blocks = load_from_disk(str(tmp_path / "out" / split))
+        assert len(blocks) == stats["splits"][split]["blocks"] >= 1 and blocks["input_ids"][0] == blocks["labels"][0]
+    assert stats["warnings"] == []
+
+
+def test_a_text_file_read_whole_cannot_be_split_and_says_how_to(tokenizer_dir, tmp_path, caplog):
+    (tmp_path / "corpus.txt").write_text(PARAGRAPHS, encoding="utf-8")
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        kind="text",
+        source="corpus.txt",
+        source_options={"text_split": "file"},
+        encoding={"text_column": "text"},
+        splits={"validation": 0.1, "test": 0.1, "seed": 0},
+    )
+    with pytest.raises(FtflowError) as info:
+        tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    assert str(info.value) == (
+        "datasets.poems.splits.validation: 0.1 of 1 training row holds out no row (a fraction needs at least 3 rows); "
+        "give more rows or ask for a row count (with text_split: file a .txt file is one row; "
+        "text_split: line or paragraph gives one per line or paragraph)"
+    )
+    spec = write_spec(
+        tmp_path,
+        tokenizer_dir,
+        kind="text",
+        source="corpus.txt",
+        source_options={"text_split": "file"},
+        encoding={"text_column": "text"},
+        splits=None,
+    )
+    with caplog.at_level("WARNING", logger="ftflow.data"):
+        stats = tokenize(spec, str(tmp_path / "out"), workdir=str(tmp_path))
+    assert list(stats["splits"]) == ["train"], "the default holds out nothing from one row..."
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "poems: no validation split, from 1 training row",
+        "poems: no test split, from 1 training row",
+    ], "...and says so"
 
 
 def test_generator_is_deterministic_and_splits_do_not_share_rows():

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from datasets import Dataset
 
-from ftflow.evaluation import chat_end_of_turn, dataset_loss, generate_ids, stop_token_ids
+from ftflow.errors import StageError
+from ftflow.evaluation import (
+    chat_end_of_turn,
+    check_eval_rows,
+    dataset_loss,
+    evaluate_experiment,
+    generate_ids,
+    stop_token_ids,
+)
 from ftflow.packing import PACKED_ATTENTION
 from ftflow.prepare import tiny_model
+from ftflow.specs import EvalSpec, ExperimentSpec
 from helpers import tiny_llama
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
@@ -130,3 +140,61 @@ def test_decoding_stops_at_the_chat_end_of_turn_even_when_eos_differs(smoke_mode
     word = tokenizer.convert_tokens_to_ids("Paris") if "Paris" in tokenizer.get_vocab() else 1000
     running = generate_ids(always_emits(model, word), base_tokenizer, prompts, {**GREEDY, "batch_size": 2}, "cpu")
     assert running == [{"ids": [word] * 8, "stopped": False}] * 2
+
+
+# --------------------------------------------------------------------------- nothing to evaluate
+
+
+def eval_config(tmp_path, metrics: list[str]) -> str:
+    """An experiment's config.json whose eval scores dataset `corpus` on test (loss on validation)."""
+    evaluation = EvalSpec(
+        dataset="corpus",
+        data_id="corpus-1",
+        split="test",
+        loss_split="validation",
+        max_new_tokens=8,
+        batch_size=16,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        max_examples=None,
+        metrics=tuple(metrics),
+        primary_metric=metrics[0] if metrics else None,
+    )
+    spec = ExperimentSpec(name="lora-1", model="smol", stages=(), eval=evaluation, baseline=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(spec.to_json()))
+    return str(path)
+
+
+def tokenized(tmp_path, **splits: int) -> str:
+    """A tokenize output folder with `rows` instruction rows in each named split."""
+    folder = tmp_path / "data"
+    for split, rows in splits.items():
+        row = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "prompt_ids": [5], "reference": "x", "length": 3}
+        Dataset.from_list([row] * rows).save_to_disk(str(folder / split))
+    return str(folder)
+
+
+def test_nothing_to_evaluate_is_an_error_before_the_model_loads(tmp_path):
+    config = eval_config(tmp_path, ["exact_match"])
+    data = tokenized(tmp_path, train=20)  # one document: no row held out
+    with pytest.raises(StageError) as info:
+        evaluate_experiment(config, str(tmp_path / "no-model"), data, str(tmp_path / "eval"))
+    assert str(info.value) == (
+        "experiment 'lora-1': eval dataset 'corpus' has no validation rows (nor test rows, its fallback) to compute "
+        "the eval loss on; hold some out with datasets.corpus.splits: {validation: 0.05} (or give the source a "
+        "validation file), or set eval.loss_split to a split with rows"
+    )
+    assert not (tmp_path / "eval" / "metrics.json").exists(), "never an ok evaluation without numbers"
+
+    data = tokenized(tmp_path / "val", train=20, validation=1)
+    with pytest.raises(StageError) as info:
+        evaluate_experiment(config, str(tmp_path / "no-model"), data, str(tmp_path / "eval"))
+    assert str(info.value) == (
+        "experiment 'lora-1': eval dataset 'corpus' has no test rows to generate answers from for eval.metrics "
+        "(exact_match); hold some out with datasets.corpus.splits: {test: 0.05} (or give the source a test file), "
+        "or set eval.split to a split with rows"
+    )
+    spec = ExperimentSpec.read(eval_config(tmp_path, [])).eval
+    assert check_eval_rows("lora-1", data, spec) is None, "one validation row and no metrics: the loss is enough"

@@ -321,3 +321,57 @@ def test_write_report_files_and_the_partial_report_is_superseded(sweep, tmp_path
         assert (out / "plots" / plot).stat().st_size > 5000, plot
     assert {"train_loss.png", "json_field_accuracy.png", "sweep_json_field_accuracy.png"} <= set(result["plots"])
     assert not (out / "partial").exists()
+
+
+def test_an_experiment_without_task_metrics_is_reported_not_a_crash(tmp_path):
+    results = Results(tmp_path)
+    no_numbers = {"eval_loss": None, "perplexity": None, "metrics": {}}  # an `ok` eval that scored no row
+    results.add(experiment_config("empty-eval"), evaluation=no_numbers)
+    results.add(experiment_config("baseline", baseline=True), train=None, evaluation=no_numbers)
+    table = results.table()
+    assert headline(table.groups[0], table) == (
+        "json_field_accuracy on colmap (higher is better): no finished tuned run reports json_field_accuracy; "
+        "see the notes."
+    )
+    assert by_name(table)["empty-eval"]["note"] == (
+        "evaluate: eval/metrics.json has no json_field_accuracy number, so this run is not ranked"
+    )
+    out = tmp_path / "report"
+    result = write_report(str(results.results), str(results.logs), results.names, str(out))
+    assert result["best"] == [] and (out / "summary.csv").exists() and (out / "report.html").exists()
+
+
+def test_data_that_lost_rows_in_tokenization_is_marked_lossy(sweep, tmp_path):
+    warning = {
+        "split": "train",
+        "share": 0.2607,
+        "dropped": 13,
+        "rows_in": 50,
+        "reasons": {"over_length": 12, "missing_column": 1},
+        "fix": "raise max_length (now 128) or set truncation: truncate",
+        "message": "datasets.colmap: 26% of the train rows dropped (13 of 50: 12 over_length, 1 missing_column); ...",
+    }
+    (sweep.results / "data" / "colmap-1" / "stats.json").write_text(json.dumps({"warnings": [warning]}))
+    table = sweep.table()
+    lossy = "colmap train: 26% of rows dropped (over_length, missing_column)"
+    assert {row["experiment"]: row["data_loss"] for row in table.rows} == {
+        name: lossy for name in ("lr-high", "rank-64", "lr-low", "baseline")
+    }
+    assert headline(table.groups[0], table).endswith(
+        ". Lossy data (over 5% of a split's rows dropped in tokenization): lr-high, rank-64, lr-low, baseline; "
+        "see the lossy data column."
+    )
+    out = tmp_path / "report"
+    write_report(str(sweep.results), str(sweep.logs), sweep.names, str(out))
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [row["data_loss"] for row in rows] == [lossy] * 4
+    markdown = (out / "report.md").read_text()
+    assert "| lossy data | note |" in markdown and f"| {lossy} |" in markdown
+    assert "Lossy data" in (out / "report.html").read_text()
+
+
+def test_no_lossy_data_column_when_no_split_lost_rows(sweep):
+    (sweep.results / "data" / "colmap-1" / "stats.json").write_text(json.dumps({"warnings": []}))
+    table = sweep.table()
+    assert "data_loss" not in [column.key for column in table.columns]
+    assert "Lossy" not in headline(table.groups[0], table)

@@ -49,15 +49,66 @@ def test_every_local_format_gives_the_same_rows(tmp_path):
     assert [r.where for r in read_local("p.csv", str(tmp_path))] == ["p.csv row 1", "p.csv row 2"]
 
 
-def test_text_files_are_one_document_each_and_globs_read_in_sorted_order(tmp_path):
+CORPUS = "First paragraph, line one.\nFirst paragraph, line two.\n\n\nSecond paragraph.\n  \nThird, line one.\nThird, line two.\n"
+
+
+def test_text_files_by_line_paragraph_or_file_and_globs_read_in_sorted_order(tmp_path):
     (tmp_path / "corpus" / "b").mkdir(parents=True)
     (tmp_path / "corpus" / "z.txt").write_text("last", encoding="utf-8")
-    (tmp_path / "corpus" / "a.txt").write_text("first\n\nstill the first document", encoding="utf-8")
-    (tmp_path / "corpus" / "b" / "m.txt").write_text("nested", encoding="utf-8")
-    rows = read_local("corpus/**/*.txt", str(tmp_path))
-    assert values(rows) == [{"text": "first\n\nstill the first document"}, {"text": "nested"}, {"text": "last"}]
+    (tmp_path / "corpus" / "a.txt").write_text(CORPUS, encoding="utf-8")
+    (tmp_path / "corpus" / "b" / "m.txt").write_text("nested\n", encoding="utf-8")
+    lines = read_local("corpus/**/*.txt", str(tmp_path), text_split="line")
+    assert [(r.where, r.values["text"]) for r in lines] == [
+        ("a.txt line 1", "First paragraph, line one."),
+        ("a.txt line 2", "First paragraph, line two."),
+        ("a.txt line 5", "Second paragraph."),
+        ("a.txt line 7", "Third, line one."),
+        ("a.txt line 8", "Third, line two."),
+        ("m.txt line 1", "nested"),
+        ("z.txt line 1", "last"),
+    ]
+    paragraphs = read_local("corpus/a.txt", str(tmp_path), text_split="paragraph")
+    assert [(r.where, r.values["text"]) for r in paragraphs] == [
+        ("a.txt lines 1-2", "First paragraph, line one.\nFirst paragraph, line two."),
+        ("a.txt line 5", "Second paragraph."),
+        ("a.txt lines 7-8", "Third, line one.\nThird, line two."),
+    ]
+    assert values(read_local("corpus/a.txt", str(tmp_path), text_split="file")) == [{"text": CORPUS}]
+    (tmp_path / "corpus" / "bad.txt").write_bytes(b"good line\nbad \xff line\n")
+    assert [(r.where, r.problem) for r in read_local("corpus/bad.txt", str(tmp_path), text_split="line")] == [
+        ("bad.txt line 1", None),
+        ("bad.txt line 2", "not_utf8"),
+    ]
     with pytest.raises(FtflowError, match="no file matches"):
         read_local("corpus/*.jsonl", str(tmp_path))
+
+
+def test_a_json_object_is_read_only_as_named_row_lists(tmp_path):
+    (tmp_path / "one.json").write_text(json.dumps({"data": POEMS}, ensure_ascii=False), encoding="utf-8")
+    rows = read_local("one.json", str(tmp_path))
+    assert values(rows) == POEMS and rows[0].where == "one.json data item 1"
+    both = {"train": POEMS, "test": POEMS[:1]}
+    (tmp_path / "both.json").write_text(json.dumps(both, ensure_ascii=False), encoding="utf-8")
+    splits = load_source({"dataset": "p", "source": {"train": "both.json", "test": "both.json"}}, str(tmp_path))
+    assert values(splits["train"]) == POEMS and values(splits["test"]) == POEMS[:1]
+    with pytest.raises(FtflowError) as info:
+        read_local("both.json", str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path / 'both.json'}: the top-level object holds several row lists ('train', 'test'); say which split "
+        "reads which, e.g. source: {train: both.json, test: both.json} with keys named for the splits"
+    )
+    (tmp_path / "row.json").write_text(json.dumps(POEMS[0], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(FtflowError) as info:
+        read_local("row.json", str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path / 'row.json'}: the top level is a JSON object, not a list of rows; ftflow reads an array of "
+        "objects [{...}, ...], one object per line (JSON Lines), or an object whose values are such arrays "
+        '({"train": [...], "test": [...]})'
+    )
+    columns = {"title": {"0": "春晓"}, "content": {"0": "春眠不觉晓"}}  # pandas' default to_json()
+    (tmp_path / "pandas.json").write_text(json.dumps(columns, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(FtflowError, match='it looks like pandas\' to_json\\(\\); write it with orient="records"'):
+        read_local("pandas.json", str(tmp_path))
 
 
 def test_split_mapping_source(tmp_path):
@@ -81,7 +132,9 @@ def test_unreadable_rows_are_kept_as_problems_not_lost(tmp_path):
     (tmp_path / "p.json").write_bytes(b'[{"a": "ok"}, {"a": "\xc3"}]')
     assert [r.problem for r in read_local("p.json", str(tmp_path))] == [None, "not_utf8"]
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
-    assert [(r.where, r.problem) for r in read_local("bad.txt", str(tmp_path))] == [("bad.txt", "not_utf8")]
+    assert [(r.where, r.problem) for r in read_local("bad.txt", str(tmp_path), text_split="file")] == [
+        ("bad.txt", "not_utf8")
+    ]
 
 
 # --------------------------------------------------------------------------- generators, hub, ModelScope
@@ -181,6 +234,21 @@ def test_cut_splits_uses_the_source_splits_and_a_small_default():
         cut_splits({"train": [1, 2, 3]}, {"validation": 2, "test": 1}, "d")
     with pytest.raises(FtflowError, match="no train split"):
         cut_splits({"test": [1]}, None, "d")
+
+
+def test_a_split_asked_for_that_holds_out_nothing_is_an_error():
+    with pytest.raises(FtflowError) as info:
+        cut_splits({"train": [1]}, {"validation": 0.1, "test": 0.1}, "corpus", few_rows_hint=" (more rows: ...)")
+    assert str(info.value) == (
+        "datasets.corpus.splits.validation: 0.1 of 1 training row holds out no row (a fraction needs at least 3 rows); "
+        "give more rows or ask for a row count (more rows: ...)"
+    )
+    with pytest.raises(FtflowError, match=r"datasets\.d\.splits\.test: 0\.5 of 2 training rows holds out no row"):
+        cut_splits({"train": [1, 2], "validation": [3]}, {"test": 0.5}, "d")
+    with pytest.raises(FtflowError, match=r"datasets\.d\.source: the train split has no rows"):
+        cut_splits({"train": []}, None, "d")
+    kept, cut = cut_splits({"train": [1, 2]}, None, "d")
+    assert cut == {} and list(kept) == ["train"], "the default holds out nothing from 2 rows (evaluation says so)"
 
 
 @pytest.mark.parametrize(
@@ -302,6 +370,15 @@ def test_data_config_errors_before_any_job(poems_dir, change, expected):
     assert expected in config_error(poems_dir, dataset)
 
 
+def test_a_json_object_is_a_config_error_before_any_job(poems_dir):
+    (poems_dir / "poems.json").write_text(json.dumps(POEMS[0], ensure_ascii=False), encoding="utf-8")
+    message = config_error(poems_dir, {**POEM_DATASET, "source": "poems.json"})
+    assert message.startswith("datasets.poems.source: poems.json: the top level is a JSON object, not a list of rows")
+    assert "\n" not in message
+    (poems_dir / "poems.json").write_text(json.dumps({"train": POEMS}, ensure_ascii=False), encoding="utf-8")
+    assert plan(poems_dir, {**POEM_DATASET, "source": "poems.json"}).experiments["e"].stages[0].data_id
+
+
 def test_unsupported_file_type_is_a_config_error(poems_dir):
     (poems_dir / "poems.xlsx").write_bytes(b"PK")
     assert "datasets.poems.source: unsupported file type: poems.xlsx" in config_error(
@@ -348,6 +425,18 @@ def test_data_id_changes_with_what_changes_tokens_only(poems_dir):
     )
     (poems_dir / "poems.jsonl").write_text(jsonl(POEMS[::-1]), encoding="utf-8")
     assert data_id(poems_dir, POEM_DATASET) != base, "the file's content"
+
+
+def test_text_split_is_part_of_data_id_only_for_text_files(poems_dir):
+    base = data_id(poems_dir, POEM_DATASET)
+    assert base == "poems-a905e1fbf702", "the data_id this dataset had before text_split existed"
+    assert data_id(poems_dir, {**POEM_DATASET, "text_split": "paragraph"}) == base
+    (poems_dir / "corpus.txt").write_text("one\ntwo\n", encoding="utf-8")
+    corpus = {"source": "corpus.txt", "kind": "text"}
+    ids = {split: data_id(poems_dir, {**corpus, "text_split": split}) for split in ("line", "paragraph", "file")}
+    assert len(set(ids.values())) == 3 and data_id(poems_dir, corpus) == ids["line"], "line is the default"
+    mapping = {"source": {"train": "corpus.txt", "test": "corpus.txt"}, "kind": "text"}
+    assert data_id(poems_dir, mapping) != data_id(poems_dir, {**mapping, "text_split": "file"})
 
 
 def test_chat_template_file_content_is_part_of_data_id(tmp_path):

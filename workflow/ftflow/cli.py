@@ -29,14 +29,18 @@ def _threads(n: int | None) -> None:
 
 
 def cmd_resolve(args) -> int:
+    import yaml
+
     from .config import build_plan, load_workflow_config
+    from .config.loading import yaml_syntax_error
 
     overrides = {}
     for item in args.config or []:
         key, _, value = item.partition("=")
-        import yaml
-
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise yaml_syntax_error(f"--config {key}", err) from None
     raw = load_workflow_config(args.configfile or ["config.yaml"], overrides)
     started = time.perf_counter()
     plan = build_plan(raw, workdir=os.getcwd(), results=args.results)

@@ -5,7 +5,8 @@ Output folder `results/data/{data_id}/`:
                              (+ prompt_ids and reference, for generation at eval time)
   stats.json                 per split: rows in / kept / dropped by reason (with the
                              first dropped row of each reason), truncated rows, tokens,
-                             label tokens, the length distribution
+                             label tokens, the length distribution; `warnings`: each split
+                             that lost more than 5% of its rows, with the reasons and the fix
 
 How each kind's rows become token ids and labels is encoder.py's Encoder (chat rows
 are first read in their format by formats.py); this module runs it over the splits
@@ -21,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from collections import Counter
 from typing import Any
 
 from .atomic import atomic_dir, read_json, write_json
@@ -32,6 +31,7 @@ from .encoder import Encoder
 from .encoding import IGNORE
 from .errors import FtflowError, RowError
 from .sources import SPLITS, SourceRow, cut_splits, load_source
+from .split_stats import drop_counts, drop_warning, empty_split_message, length_stats, unusable_split_error
 
 log = logging.getLogger("ftflow.data")
 
@@ -154,59 +154,6 @@ def text_blocks(encoded, max_length: int) -> list[list[int]]:
     return blocks
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-def length_stats(lengths: list[int]) -> dict:
-    if not lengths:
-        return {"count": 0}
-    ordered = sorted(lengths)
-
-    def percentile(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
-
-    edges = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
-    histogram = {}
-    for lo, hi in zip(edges, edges[1:]):
-        count = sum(1 for n in ordered if lo < n <= hi)
-        if count:
-            histogram[f"{lo + 1}-{hi if hi < 1 << 30 else 'inf'}"] = count
-    return {
-        "count": len(ordered),
-        "min": ordered[0],
-        "mean": round(sum(ordered) / len(ordered), 2),
-        "p50": percentile(0.5),
-        "p90": percentile(0.9),
-        "p99": percentile(0.99),
-        "max": ordered[-1],
-        "histogram": histogram,
-    }
-
-
-def _drop_stats(encoded) -> tuple[Counter, dict]:
-    dropped: Counter = Counter()
-    first: dict[str, dict] = {}
-    for where, drop, detail in zip(encoded["where"], encoded["drop"], encoded["detail"]):
-        if drop:
-            dropped[drop] += 1
-            first.setdefault(drop, {"row": where, "detail": detail})
-    return dropped, first
-
-
-def _unusable_split_error(name: str, split: str, dropped: Counter, first: dict) -> FtflowError:
-    reason, count = dropped.most_common(1)[0]
-    example = first[reason]
-    what = (
-        f"column {example['detail']!r} is missing" if reason == "missing_column" else f"{reason}: {example['detail']}"
-    )
-    others = ", ".join(f"{n} x {r}" for r, n in dropped.most_common()[1:])
-    return FtflowError(
-        f"datasets.{name}: no row of the {split} split can be used; {count} x {reason}"
-        + (f" (and {others})" if others else "")
-        + f"; e.g. {example['row']}: {what}"
-    )
-
-
 # --------------------------------------------------------------------------- reading the splits back
 
 
@@ -248,6 +195,8 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
     stats = stats_header(spec, tokenizer, held_out)
     with atomic_dir(out) as tmp:
         for split, rows in splits.items():
+            if not rows:
+                raise FtflowError(empty_split_message(spec, split))
             stats["splits"][split] = split_stats = save_split(
                 spec["dataset"], split, rows, encoder, os.path.join(tmp, split), num_proc
             )
@@ -259,6 +208,10 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
                 split_stats["kept"],
                 split_stats["dropped"] or "none",
             )
+            warning = drop_warning(spec["dataset"], split, split_stats, spec["max_length"])
+            if warning:
+                log.warning("%s", warning["message"])
+                stats["warnings"].append(warning)
         stats["seconds"] = round(time.perf_counter() - started, 2)
         write_json(os.path.join(tmp, "stats.json"), stats)
     return stats
@@ -267,7 +220,20 @@ def tokenize(spec_path: str, out: str, workdir: str = ".", num_proc: int = 1) ->
 def read_splits(spec: dict, workdir: str) -> tuple[dict[str, list[SourceRow]], Any]:
     """({split: rows}, in SPLITS order, after held-out cuts and smoke-mode row caps; what was held out)."""
     raw = load_source(spec, workdir)
-    raw, held_out = cut_splits(raw, spec.get("splits"), spec["dataset"])
+    text_split = (spec.get("source_options") or {}).get("text_split")
+    hint = (
+        f" (with text_split: {text_split} a .txt file is one row; text_split: line or paragraph gives one per line or paragraph)"
+        if text_split == "file"
+        else ""
+    )
+    raw, held_out = cut_splits(raw, spec.get("splits"), spec["dataset"], few_rows_hint=hint)
+    for split in ("validation", "test"):
+        # the default holds out nothing from fewer than 3 rows; evaluation stops on it too
+        if split not in raw and split not in (spec.get("splits") or {}):
+            rows = len(raw["train"])
+            log.warning(
+                "%s: no %s split, from %d training row%s%s", spec["dataset"], split, rows, "s"[rows == 1 :], hint
+            )
     caps = spec.get("row_caps") or {}
     splits = {}
     for split in SPLITS:
@@ -290,6 +256,7 @@ def stats_header(spec: dict, tokenizer, held_out) -> dict[str, Any]:
         "row_caps": spec.get("row_caps") or None,  # smoke mode reads only the first rows of each split
         "drop_reasons": DROP_REASONS,
         "splits": {},
+        "warnings": [],  # drop_warning of each split that lost more than 5% of its rows
     }
 
 
@@ -300,9 +267,9 @@ def save_split(
     from datasets import Dataset
 
     encoded, used_proc = encode_split(rows, encoder, num_proc)
-    dropped, first = _drop_stats(encoded)
+    dropped, first, longest = drop_counts(encoded)
     if rows and len(dropped) and sum(dropped.values()) == len(rows):
-        raise _unusable_split_error(name, split, dropped, first)
+        raise unusable_split_error(name, split, dropped, first)
     stats: dict[str, Any] = {"rows_in": len(rows), "kept": len(rows) - sum(dropped.values())}
     if encoder.kind == "text":
         blocks = text_blocks(encoded, encoder.max_length)
@@ -323,6 +290,7 @@ def save_split(
         {
             "dropped": dict(dropped),
             "first_dropped": first,
+            "longest_dropped": longest or None,  # tokens of the longest over_length row
             "truncated": truncated,
             "tokens": int(sum(lengths)),
             "label_tokens": int(sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in saved["labels"])),

@@ -199,6 +199,7 @@ def evaluate_experiment(config_path: str, model_dir: str, data_dir: str, out_dir
         result.update(status=status, reason=status_reason(model_dir))
         return write_outputs(out_dir, experiment, result, rows=[])
     result["status"] = "ok"
+    check_eval_rows(experiment.name, data_dir, spec)
 
     torch.manual_seed(0)  # sampling, when configured, is reproducible
     device = device_type()
@@ -212,6 +213,41 @@ def evaluate_experiment(config_path: str, model_dir: str, data_dir: str, out_dir
         rows = prediction_rows(tokenizer, test, generated, predictions, per_example)
     result["primary_value"] = (result.get("metrics") or {}).get(spec.primary_metric, result.get(spec.primary_metric))
     return write_outputs(out_dir, experiment, result, rows)
+
+
+def _rows(data_dir: str, split: str) -> int:
+    data = load_split(data_dir, split, columns=("length",))
+    return len(data) if data is not None else 0
+
+
+def check_eval_rows(experiment: str, data_dir: str, spec: EvalSpec) -> None:
+    """Rows for the loss and, when the eval has task metrics, prompts to generate from; else a StageError
+    naming the dataset, the split and what to set. Checked before the model is loaded, so that a
+    held-out split that came out empty is never an `ok` evaluation without numbers.
+
+    A kept split smaller than eval.batch_size is fine; zero rows is not.
+    """
+    dataset = spec.dataset
+    if not _rows(data_dir, spec.loss_split) and not _rows(data_dir, spec.split):
+        also = f" (nor {spec.split} rows, its fallback)" if spec.split != spec.loss_split else ""
+        raise StageError(
+            experiment,
+            None,
+            f"eval dataset {dataset!r} has no {spec.loss_split} rows{also} to compute the eval loss on; "
+            f"hold some out with datasets.{dataset}.splits: {{{spec.loss_split}: 0.05}} (or give the source a "
+            f"{spec.loss_split} file), or set eval.loss_split to a split with rows",
+        )
+    test = load_split(data_dir, spec.split, columns=("prompt_ids",))
+    probe = test if test is not None else load_split(data_dir, "train", columns=("prompt_ids",))
+    generates = probe is not None and "prompt_ids" in probe.column_names  # text data has no prompts to answer
+    if spec.metrics and generates and not (test is not None and len(test)):
+        raise StageError(
+            experiment,
+            None,
+            f"eval dataset {dataset!r} has no {spec.split} rows to generate answers from for eval.metrics "
+            f"({', '.join(spec.metrics)}); hold some out with datasets.{dataset}.splits: {{{spec.split}: 0.05}} "
+            f"(or give the source a {spec.split} file), or set eval.split to a split with rows",
+        )
 
 
 def load_for_eval(model_dir: str, device: str):

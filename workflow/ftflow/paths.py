@@ -46,6 +46,10 @@ class Layout:
     def data_spec(self, data_id: str) -> str:
         return f"{self.data_dir(data_id)}.json"
 
+    def data_stats(self, data_id: str) -> str:
+        """Rows kept and dropped per split, and the warnings of splits that lost many (the report reads them)."""
+        return f"{self.data_dir(data_id)}/stats.json"
+
     def file_hashes(self) -> str:
         """The planner's cache of data-file SHA-256s."""
         return f"{self.results}/data/.file-hashes.json"

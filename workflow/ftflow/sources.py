@@ -2,6 +2,7 @@
 
 Sources (`datasets.<name>.source`):
   data/poems.jsonl, data/*.csv       local files: .jsonl .json .csv .parquet .txt, globs allowed
+                                     (a .txt file gives one row per line, paragraph or file: `text_split`)
   {train: a.jsonl, test: b.jsonl}    local files per split
   hub:<id>                           `datasets.load_dataset` (subset, revision, hub_splits)
   modelscope:<id>                    `MsDataset.load` (pip install 'ftflow[modelscope]')
@@ -38,6 +39,11 @@ PEEK_JSON_BYTES = (
 # Held-out rows cut from train when the source has no such split and `splits` does not say.
 DEFAULT_HELD_OUT_FRACTION = 0.05
 DEFAULT_HELD_OUT_MAX_ROWS = 1000
+TEXT_SPLITS = ("line", "paragraph", "file")  # how a .txt file becomes documents (`text_split`)
+JSON_SHAPES = (
+    "an array of objects [{...}, ...], one object per line (JSON Lines), "
+    'or an object whose values are such arrays ({"train": [...], "test": [...]})'
+)
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,8 @@ def _read_jsonl(path: str) -> list[SourceRow]:
     return rows
 
 
-def _read_json(path: str) -> list[SourceRow]:
-    """A JSON array of objects (or JSON Lines saved as .json)."""
+def _read_json(path: str, split: str | None = None) -> list[SourceRow]:
+    """A JSON array of objects, an object of such arrays (see `json_rows`), or JSON Lines saved as .json."""
     name = os.path.basename(path)
     with open(path, "rb") as handle:
         text = handle.read().decode("utf-8-sig", errors="surrogateescape")
@@ -121,12 +127,45 @@ def _read_json(path: str) -> list[SourceRow]:
     except json.JSONDecodeError:
         if text.lstrip().startswith("{"):
             return _read_jsonl(path)  # one object per line
-        raise FtflowError(f"{path} is not valid JSON; expected an array of objects or one object per line") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise FtflowError(f"{path}: expected an array of objects, got {type(data).__name__}")
-    return [_checked(f"{name} item {i}", values) for i, values in enumerate(data, start=1)]
+        raise FtflowError(f"{path} is not valid JSON; ftflow reads {JSON_SHAPES}") from None
+    key, items = json_rows(data, path, split)
+    label = f"{name} {key}" if key else name
+    return [_checked(f"{label} item {i}", values) for i, values in enumerate(items, start=1)]
+
+
+def json_rows(data: Any, path: str, split: str | None) -> tuple[str | None, list]:
+    """(the key the rows are under, or None; the rows) of a parsed .json file; FtflowError for other shapes.
+
+    An object whose values are all arrays is read as named row lists: its one
+    array, or, when it has several, the one named for the split a source mapping
+    reads the file as (`source: {train: all.json, test: all.json}`). Any other
+    object (one row, or pandas' column-oriented `to_json()`) is an error rather
+    than a dataset of one row.
+    """
+    if isinstance(data, list):
+        return None, data
+    if not isinstance(data, dict):
+        raise FtflowError(f"{path}: the top level is a JSON {type(data).__name__}; ftflow reads {JSON_SHAPES}")
+    if not data or not all(isinstance(v, list) for v in data.values()):
+        looks_like = (
+            ' (it looks like pandas\' to_json(); write it with orient="records")'
+            if data and all(isinstance(v, dict) for v in data.values())
+            else ""
+        )
+        raise FtflowError(
+            f"{path}: the top level is a JSON object, not a list of rows{looks_like}; ftflow reads {JSON_SHAPES}"
+        )
+    if len(data) == 1:
+        return next(iter(data.items()))
+    if split in data:
+        return split, data[split]
+    keys = ", ".join(repr(k) for k in data)
+    if split is None:
+        raise FtflowError(
+            f"{path}: the top-level object holds several row lists ({keys}); say which split reads which, "
+            f"e.g. source: {{train: {os.path.basename(path)}, test: {os.path.basename(path)}}} with keys named for the splits"
+        )
+    raise FtflowError(f"{path}: the top-level object has no row list named {split!r} (it has {keys})")
 
 
 def _read_csv(path: str) -> list[SourceRow]:
@@ -154,35 +193,67 @@ def _read_parquet(path: str) -> list[SourceRow]:
     return [_checked(f"{name} row {i}", values) for i, values in enumerate(records, start=1)]
 
 
-def _read_text(path: str) -> list[SourceRow]:
-    """One document per .txt file, in the `text` column."""
+def _read_text(path: str, text_split: str) -> list[SourceRow]:
+    """A .txt file as documents in the `text` column: one per non-empty line, per paragraph
+    (runs of lines between blank lines) or the whole file, as `text_split` says."""
     name = os.path.basename(path)
     with open(path, "rb") as handle:
-        data = handle.read()
-    try:
-        return [SourceRow(name, {"text": data.decode("utf-8")})]
-    except UnicodeDecodeError as err:
-        return [SourceRow(name, None, "not_utf8", f"byte {err.start} is not valid UTF-8")]
+        text = handle.read().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    if text_split == "file":
+        documents = [(name, text)] if text.strip() else []
+    elif text_split == "line":
+        documents = [(f"{name} line {n}", line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    elif text_split == "paragraph":
+        documents, lines, first = [], [], 0
+        for n, line in enumerate([*text.splitlines(), ""], start=1):  # a last blank line ends the last paragraph
+            if line.strip():
+                first = first or n
+                lines.append(line)
+            elif lines:
+                where = f"{name} line {first}" if first == n - 1 else f"{name} lines {first}-{n - 1}"
+                documents.append((where, "\n".join(lines)))
+                lines, first = [], 0
+    else:
+        raise FtflowError(f"{path}: text_split is {text_split!r}; use one of {', '.join(TEXT_SPLITS)}")
+    return [
+        SourceRow(where, {"text": doc})
+        if _is_utf8(doc)
+        else SourceRow(where, None, "not_utf8", "bytes that are not valid UTF-8")
+        for where, doc in documents
+    ]
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_text}
+READERS = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}  # .json and .txt take options
 
 
-def read_local(pattern: str, workdir: str = ".") -> list[SourceRow]:
+def read_local(
+    pattern: str, workdir: str = ".", split: str | None = None, text_split: str | None = None
+) -> list[SourceRow]:
+    """Rows of the files a path or glob names; `split` picks a .json file's row list by name,
+    `text_split` how a .txt file becomes rows (the tokenize spec carries it when the source has .txt files)."""
     files = local_files(pattern, workdir)
     if not files:
         raise FtflowError(f"no file matches {pattern!r}")
     rows: list[SourceRow] = []
     for path in files:
-        rows.extend(READERS[_extension(path)](path))
+        ext = _extension(path)
+        if ext == ".txt":
+            if text_split is None:
+                raise FtflowError(f"{path}: the tokenize spec has no text_split for a .txt file; re-run snakemake")
+            rows.extend(_read_text(path, text_split))
+        elif ext == ".json":
+            rows.extend(_read_json(path, split))
+        else:
+            rows.extend(READERS[ext](path))
     return rows
 
 
-def peek_columns(path: str, limit: int = PEEK_ROWS) -> tuple[list[set[str]], str] | None:
+def peek_columns(path: str, limit: int = PEEK_ROWS, split: str | None = None) -> tuple[list[set[str]], str] | None:
     """Column names of the first rows of a local file, cheaply: ([columns of row 1, ...], row label).
 
     None when the file cannot be peeked at cheaply (a large .json array). Rows
-    that cannot be read are skipped: tokenization reports them.
+    that cannot be read are skipped: tokenization reports them. A .json file of
+    a shape ftflow does not read is a FtflowError (`json_rows`), as in tokenization.
     """
     ext = _extension(path)
     if ext == ".txt":
@@ -228,7 +299,7 @@ def peek_rows(path: str, limit: int = PEEK_ROWS) -> tuple[list[dict], str] | Non
             data = _loads(handle.read())
         if data is None:  # JSON Lines saved as .json, or not JSON: tokenization says which
             return None
-        rows = [_checked("", values) for values in (data if isinstance(data, list) else [data])[:limit]]
+        rows = [_checked("", values) for values in json_rows(data, path, split)[1][:limit]]
     else:
         rows = []
         with open(path, "rb") as handle:
@@ -331,8 +402,9 @@ def _generate(generator: str, dataset: dict) -> dict[str, list[SourceRow]]:
 def load_source(dataset: dict, workdir: str = ".") -> dict[str, list[SourceRow]]:
     """{split: rows} of a tokenization spec's source; splits the source lacks are absent."""
     source = dataset["source"]
+    text_split = (dataset.get("source_options") or {}).get("text_split")
     if isinstance(source, dict):
-        return {split: read_local(pattern, workdir) for split, pattern in source.items()}
+        return {split: read_local(pattern, workdir, split, text_split) for split, pattern in source.items()}
     scheme, _, rest = source.partition(":")
     if scheme == "generator":
         return _generate(rest, dataset)
@@ -340,7 +412,7 @@ def load_source(dataset: dict, workdir: str = ".") -> dict[str, list[SourceRow]]
         return _load_hub(rest, dataset)
     if scheme == "modelscope":
         return _load_modelscope(rest, dataset)
-    return {"train": read_local(source, workdir)}
+    return {"train": read_local(source, workdir, text_split=text_split)}
 
 
 # --------------------------------------------------------------------------- splits
@@ -388,12 +460,16 @@ def _held_out_size(value: int | float | None, total: int) -> int:
     return int(value)
 
 
-def cut_splits(splits: dict[str, list], settings: dict | None, name: str) -> tuple[dict[str, list], dict]:
+def cut_splits(
+    splits: dict[str, list], settings: dict | None, name: str, few_rows_hint: str = ""
+) -> tuple[dict[str, list], dict]:
     """Cut the validation and test splits the source lacks from train, deterministically from a seed.
 
     Returns (splits, what was cut: {split: rows}). Rows keep their order inside
     each split; which rows are held out depends only on the seed and the row
-    count, so the same source and settings always give the same splits.
+    count, so the same source and settings always give the same splits. A split
+    asked for that would get no row is an error, never a silent nothing;
+    `few_rows_hint` ends the message about too few rows (e.g. how to get more).
     """
     settings = dict(settings or {})
     if "train" not in splits:
@@ -410,9 +486,21 @@ def cut_splits(splits: dict[str, list], settings: dict | None, name: str) -> tup
         return splits, {}
     train = splits["train"]
     total = len(train)
+    if not total:
+        raise FtflowError(f"datasets.{name}.source: the train split has no rows (empty files, or only blank lines)")
     sizes = {split: _held_out_size(settings.get(split), total) for split in missing}
+    rows = f"{total} training row{'' if total == 1 else 's'}"
+    for split in missing:
+        asked = settings.get(split)
+        if asked and not sizes[split]:  # a fraction of fewer than 3 rows
+            raise FtflowError(
+                f"datasets.{name}.splits.{split}: {asked:g} of {rows} holds out no row (a fraction needs at least "
+                f"3 rows); give more rows or ask for a row count{few_rows_hint}"
+            )
     if sum(sizes.values()) >= total:
-        raise FtflowError(f"datasets.{name}.splits: holding out {sizes} leaves no training rows out of {total}")
+        raise FtflowError(
+            f"datasets.{name}.splits: holding out {sizes} leaves no training rows out of {total}{few_rows_hint}"
+        )
     order = list(range(total))
     random.Random(settings.get("seed", 0)).shuffle(order)
     out = dict(splits)

@@ -52,6 +52,7 @@ class DatasetSpec:
 
     name: str
     source: Any  # "hub:<id>", "modelscope:<id>", "generator:<name>", a path/glob, or {split: path}
+    text_split: str  # a .txt file's rows: line | paragraph | file
     kind: str  # text | instruction | chat
     subset: str | None  # hub config name
     revision: str | None  # hub revision

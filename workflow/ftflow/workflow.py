@@ -30,6 +30,18 @@ def effective_config(config: dict, cli_configfiles, cli_config: dict) -> dict:
     return normalize_raw(config)
 
 
+def config_file_or_exit(path: str) -> None:
+    """Before the Snakefile's `configfile:` reads `path`: a YAML syntax error (or a key given twice)
+    prints one line naming the file, line and column, and exits. Snakemake's own message names none."""
+    if not os.path.exists(path):
+        return  # Snakemake says so, or --configfile replaces it
+    try:
+        check_duplicate_keys(path)
+    except ConfigError as err:
+        sys.stderr.write(f"ftflow config error: {err}\n")
+        sys.exit(1)
+
+
 def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
     """Resolve the config; on a config error print one line naming the path and the fix, and exit."""
     try:

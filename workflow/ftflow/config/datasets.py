@@ -254,6 +254,8 @@ def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
         chat_format = {key: values[key] for key in CHAT_FORMAT_KEYS}
         if chat_format != CHAT_FORMAT_AT_DEFAULTS:  # at the defaults, data_id is what it was before formats
             encoding.update(chat_format)
+    if scheme == "local" and _has_text_files(source, workdir):
+        options["text_split"] = dataset.text_split  # only here, so other sources keep their data_id
     return {
         "kind": dataset.kind,
         "source": source,
@@ -262,6 +264,11 @@ def tokenization_settings(dataset: DatasetSpec, workdir: str) -> dict:
         "splits": dataset.splits,
         "version": TOKENIZATION_VERSION,
     }
+
+
+def _has_text_files(source: str | dict, workdir: str) -> bool:
+    patterns = source.values() if isinstance(source, dict) else [source]
+    return any(f.lower().endswith(".txt") for pattern in patterns for f in local_files(pattern, workdir))
 
 
 def template_text(template: str | None, workdir: str, path: str) -> str | None:
@@ -342,10 +349,14 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
         needed = [(f"{dataset_path}.messages_column", dataset.messages_column)]
     else:
         needed = [(f"{dataset_path}.text_column", dataset.text_column)]
+    split = path.rpartition(".source.")[2] if ".source." in path else None
     for file in files[:PEEK_FILES]:
+        try:
+            peeked = peek_columns(file, split=split)
+        except FtflowError as err:  # a .json file of a shape ftflow does not read
+            raise ConfigError(path, str(err).replace(f"{file}:", f"{os.path.relpath(file, workdir)}:", 1)) from None
         if dataset.kind == "chat":
             _check_chat_rows(dataset, dataset_path, file, workdir)
-        peeked = peek_columns(file)
         if peeked is None or not peeked[0]:
             continue  # unreadable or too large to peek at: tokenization reports it per row
         rows, unit = peeked

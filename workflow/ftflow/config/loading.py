@@ -22,9 +22,32 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such config file") from None
+    except yaml.YAMLError as err:
+        raise yaml_syntax_error(str(path), err) from None
     return data or {}
+
+
+def yaml_syntax_error(path: str, err: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, line and column of a YAML syntax error, and what the parser was reading.
+
+    Snakemake's own message for it ("Config file is not valid JSON or YAML") names none of them.
+    """
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if "'\\t'" in problem:
+        fix = "indent with spaces: YAML does not allow tabs"
+    elif context and start:
+        fix = f"{context} that starts at line {start.line + 1}, column {start.column + 1}"
+    else:
+        fix = context
+    return ConfigError(where, f"not valid YAML: {problem}", fix)
 
 
 class _DuplicateKeyLoader(yaml.SafeLoader):
@@ -47,7 +70,7 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
 
 
 def check_duplicate_keys(path: str) -> None:
-    """Raise a ConfigError for a key that appears twice in one mapping of a YAML file.
+    """Raise a ConfigError for a key that appears twice in one mapping of a YAML file (or for its syntax).
 
     Two experiments with the same name would otherwise be one experiment, the
     last one, without a word.
@@ -57,8 +80,8 @@ def check_duplicate_keys(path: str) -> None:
         loader.duplicates = []
         try:
             loader.get_single_data()
-        except yaml.YAMLError:
-            return  # Snakemake reports syntax errors itself
+        except yaml.YAMLError as err:
+            raise yaml_syntax_error(path, err) from None
         finally:
             loader.dispose()
     if loader.duplicates:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..atomic import read_json
 from ..paths import Layout
@@ -41,6 +41,8 @@ class Run:
     eval_metrics: dict | None  # eval/metrics.json, None where missing, unreadable or stale
     status: str = "ok"  # ok | diverged | failed | not run
     problem: Problem | None = None
+    # stats.json warnings of the data it trained and was scored on: splits that lost over 5% of their rows
+    data_warnings: list[dict] = field(default_factory=list)
 
     @property
     def finished_stages(self) -> list[dict]:
@@ -131,6 +133,7 @@ def read_run(layout: Layout, name: str) -> Run | None:
         train_metrics=[read_fresh(layout.train_metrics(name, stage.name), digest) for stage in spec.stages],
         eval_metrics=read_fresh(layout.eval_metrics(name), digest),
     )
+    run.data_warnings = data_warnings(layout, spec)
     stopped = next((metrics for metrics in run.train_metrics if metrics and metrics["status"] != "ok"), None)
     if stopped is not None:
         where = "train" if len(spec.stages) == 1 else f"{stopped['stage']}/train"
@@ -140,6 +143,19 @@ def read_run(layout: Layout, name: str) -> Run | None:
     elif run.eval_metrics["status"] != "ok":
         run.status, run.problem = run.eval_metrics["status"], Problem("evaluate", run.eval_metrics.get("reason"))
     return run
+
+
+def data_warnings(layout: Layout, spec: ExperimentSpec) -> list[dict]:
+    """The warnings tokenization wrote for the experiment's data, training and eval, each with its dataset."""
+    warnings = []
+    data = {stage.data_id: stage.dataset for stage in spec.stages} | {spec.eval.data_id: spec.eval.dataset}
+    for data_id, dataset in data.items():
+        try:
+            found = read_json(layout.data_stats(data_id)).get("warnings") or []
+        except (OSError, ValueError):  # not tokenized yet: the status says so
+            continue
+        warnings += [{"dataset": dataset, **warning} for warning in found]
+    return warnings
 
 
 def collect_runs(layout: Layout, experiments: list[str]) -> list[Run]:

@@ -57,6 +57,7 @@ class Row:
     stages: str  # method, or stage:method per stage
     note: str
     log: str
+    data_loss: str = ""  # splits of its data that lost over 5% of their rows in tokenization
     trainable_params: int | None = None
     steps: int | None = None
     train_tokens: int | None = None
@@ -78,7 +79,7 @@ class Row:
     base_key: tuple[str, str]  # (model, eval data_id): the baseline it is compared with
 
     # the cells that are fields of their own (best is shown as `*` or blank)
-    FIXED: ClassVar[tuple[str, ...]] = ("experiment", "status", "stages", "note", "log", "rank") + tuple(
+    FIXED: ClassVar[tuple[str, ...]] = ("experiment", "status", "stages", "note", "log", "data_loss", "rank") + tuple(
         c.key for c in COST_COLUMNS + LOSS_COLUMNS
     )
 
@@ -145,6 +146,13 @@ def stages_text(run: Run) -> str:
     return " > ".join(f"{stage.name}:{stage.method}" for stage in stages)
 
 
+def data_loss_text(warnings: list[dict]) -> str:
+    """'colmap train: 30% of rows dropped (over_length, missing_column)', per warning."""
+    return "; ".join(
+        f"{w['dataset']} {w['split']}: {w['share']:.0%} of rows dropped ({', '.join(w['reasons'])})" for w in warnings
+    )
+
+
 def make_row(run: Run, settings: dict) -> Row:
     """The row of one run: costs summed over its finished stages, scores from its evaluation."""
     evaluation = run.eval_metrics or {}
@@ -155,12 +163,17 @@ def make_row(run: Run, settings: dict) -> Row:
     problem = run.problem
     parts = [p for p in (problem.where, problem.error) if p] if problem else []
     spec = run.spec
+    primary = spec.eval.primary_metric or "eval_loss"
+    note = f"waits for {problem.where}" if run.status == "not run" else ": ".join(parts)
+    if run.status == "ok" and finite((evaluation.get("metrics") or {}).get(primary, evaluation.get(primary))) is None:
+        note = f"evaluate: eval/metrics.json has no {primary} number, so this run is not ranked"
     return Row(
         experiment=run.name,
         status=run.status,
         stages=stages_text(run),
-        note=f"waits for {problem.where}" if run.status == "not run" else ": ".join(parts),
+        note=note,
         log=(problem.log if problem else None) or "",
+        data_loss=data_loss_text(run.data_warnings),
         trainable_params=done[-1].get("trainable_parameters") if done else None,
         steps=sum(m.get("steps") or 0 for m in done) if done else None,
         train_tokens=tokens if done else None,
@@ -272,8 +285,9 @@ def build_table(runs: list[Run]) -> Table:
     setting_columns = [Setting(key, labels[key]) for key in varied]
     primaries = list(dict.fromkeys(group.primary for group in groups))
     columns = table_columns(primaries, metric_names, setting_columns)
-    if not any(row.log for row in rows):
-        columns = [c for c in columns if c.key != "log"]
+    for key in ("log", "data_loss"):  # columns only some reports need
+        if not any(row.get(key) for row in rows):
+            columns = [c for c in columns if c.key != key]
     return Table(columns=columns, rows=ordered, groups=groups, settings=setting_columns, shared=shared)
 
 
@@ -298,6 +312,12 @@ def table_columns(primaries: list[str], metric_names: list[str], varied: list[Se
         *COST_COLUMNS,
         *[c for c in LOSS_COLUMNS if c.key not in primaries and c.key != "eval_loss"],
         *[score_column(name) for name in metric_names if name not in primaries],
+        Column(
+            "data_loss",
+            "lossy data",
+            "text",
+            "splits of the run's data that lost over 5% of their rows in tokenization (stats.json warnings)",
+        ),
         Column("note", "note", "text", "where and why a run did not finish ok"),
         Column("log", "log", "text", "log of the failed job"),
     ]
@@ -313,8 +333,10 @@ def headline(group: Group, table: Table) -> str:
     if not finished:
         return text + "no tuned run finished."
     if group.all_tied:
-        return text + f"all {len(finished)} finished runs tie, on eval loss too; no best row."
+        return text + f"all {len(finished)} finished runs tie, on eval loss too; no best row." + lossy_text(rows)
     best = [row for row in rows if row.best]
+    if not best:  # finished, but without the number that ranks them
+        return text + f"no finished tuned run reports {primary}; see the notes." + lossy_text(rows)
     kind = "loss" if group.lower_is_better else "metric"
     names = ", ".join(row.experiment for row in best)
     if group.tie_on_primary:
@@ -346,4 +368,12 @@ def headline(group: Group, table: Table) -> str:
     not_ok = [row for row in tuned if row.status != "ok"]
     if not_ok:
         text += ". Not finished: " + ", ".join(f"{row.experiment} ({row.status})" for row in not_ok)
-    return text + "."
+    return text + "." + lossy_text(rows)
+
+
+def lossy_text(rows: list[Row]) -> str:
+    """The headline's note on runs whose data lost over 5% of a split's rows in tokenization."""
+    lossy = [row.experiment for row in rows if row.data_loss]
+    if not lossy:
+        return ""
+    return f" Lossy data (over 5% of a split's rows dropped in tokenization): {', '.join(lossy)}; see the lossy data column."

@@ -18,6 +18,7 @@ from .formatting import finite, format_value
 from .table import LOWER_IS_BETTER, Row, Table, headline
 
 NOTE_WIDTH = 90  # characters of a note in the markdown table; the HTML wraps it instead
+WRAPPED = ("note", "data_loss")  # the columns of sentences, clipped or wrapped
 
 
 def to_csv(table: Table) -> str:
@@ -67,7 +68,7 @@ def to_markdown(table: Table, plots: list[str], title: str) -> str:
         cells = []
         for column in columns:
             text = format_value(column.kind, row.get(column.key))
-            text = _clip(text) if column.key == "note" else text
+            text = _clip(text) if column.key in WRAPPED else text
             cells.append(f"**{text}**" if row.best and column.key == "experiment" else text.replace("|", "\\|"))
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
@@ -117,7 +118,7 @@ def _html_row(row: Row, table: Table) -> str:
         sort_value = repr(number) if number is not None else ("" if value in (None, "") else text)
         css = " ".join(
             c
-            for c in ("text" if number is None else "", "note" if key == "note" else "", _delta_class(key, value))
+            for c in ("text" if number is None else "", "note" if key in WRAPPED else "", _delta_class(key, value))
             if c
         )
         title_attr = f' title="{esc(str(value))}"' if kind in ("count", "setting") and value is not None else ""
