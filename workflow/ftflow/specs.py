@@ -17,7 +17,9 @@ from .errors import FtflowError
 from .hashing import content_hash
 from .methods import METHODS, Method
 
-FORMAT_VERSION = 1  # bump when the meaning of a resolved config changes
+# Bump when the meaning of a resolved config changes. 2: a stage names its datasets, data_ids
+# and mix (mixtures) instead of one dataset and data_id.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,11 @@ class StageSpec:
     name: str
     index: int
     method: str
-    dataset: str
-    data_id: str
+    datasets: tuple[str, ...]  # what the stage trains on, in config order; two or more are a mixture
+    data_ids: tuple[str, ...]  # each member's tokenized data (results/data/{data_id}), in the same order
+    mix: dict  # {} for one dataset; a mixture's {strategy, weights: {member: weight, every member}, seed}
     init_from: str  # merged | adapter
-    max_length: int
+    max_length: int  # tokens per example; a mixture's members without a stage max_length keep their own (the largest here)
     packing: bool
     lora: dict
     adalora: dict
@@ -109,9 +112,20 @@ class StageSpec:
         """The method's registry entry: its artifact, sections and PEFT config."""
         return METHODS[self.method]
 
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.datasets) > 1
+
+    @property
+    def data_id(self) -> str:
+        """The tokenized data of a one-dataset stage; a mixture has one per member (data_ids)."""
+        if self.is_mixture:
+            raise FtflowError(f"stage {self.name!r} trains on a mixture of {len(self.datasets)} datasets: use data_ids")
+        return self.data_ids[0]
+
     @classmethod
     def from_json(cls, data: dict) -> StageSpec:
-        return cls(**data)
+        return cls(**{**data, "datasets": tuple(data["datasets"]), "data_ids": tuple(data["data_ids"])})
 
 
 @dataclass(frozen=True)
