@@ -32,8 +32,8 @@ from transformers import TrainerCallback, set_seed
 from . import adalora, disk
 from .atomic import atomic_dir, read_json, write_json
 from .data import load_split
-from .mixing import mix_train_splits
 from .errors import FtflowError, StageError, in_stage
+from .mixing import mix_train_splits
 from .model_setup import check_precision, setup_for_training
 from .models import device_type
 from .packing import packing_collator, padding_collator

@@ -34,7 +34,9 @@ def resolve_datasets(path: str, value, mix_raw, datasets: dict[str, DatasetSpec]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(
-                f"{path}.dataset", f"{name!r} is listed twice", "list each dataset once; a mix weight above 1 repeats rows"
+                f"{path}.dataset",
+                f"{name!r} is listed twice",
+                "list each dataset once; a mix weight above 1 repeats rows",
             )
     if len(names) == 1:
         if mix_raw is not None:
@@ -59,13 +61,17 @@ def _resolve_mix(path: str, raw, names: list[str]) -> dict:
     for name, weight in weights.items():
         if name not in names:
             hint = did_you_mean(name, names) or "give weights only to the datasets this stage lists"
-            raise ConfigError(f"{path}.weights.{name}", f"{name!r} is not in the dataset list [{', '.join(names)}]", hint)
+            raise ConfigError(
+                f"{path}.weights.{name}", f"{name!r} is not in the dataset list [{', '.join(names)}]", hint
+            )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"{path}.weights.{name}", f"must be a number >= 0, got {weight!r}")
     full = {name: float(weights.get(name, 1.0)) for name in names}
     if not any(full.values()):
         effect = "interleave has no member to draw from" if mix["strategy"] == "interleave" else "concat takes no row"
-        raise ConfigError(f"{path}.weights", f"every weight is 0: {effect}", "give at least one member a weight above 0")
+        raise ConfigError(
+            f"{path}.weights", f"every weight is 0: {effect}", "give at least one member a weight above 0"
+        )
     return {"strategy": mix["strategy"], "weights": full, "seed": seed}
 
 
@@ -80,4 +86,3 @@ def planned_train_rows(stage: StageSpec, datasets: dict[str, DatasetSpec], workd
     if stage.mix["strategy"] != "concat":
         return None
     return sum(concat_rows(count, stage.mix["weights"][name]) for name, count in zip(stage.datasets, counts))
-
