@@ -17,9 +17,10 @@ import pytest
 
 from ftflow.data import load_split
 from ftflow.errors import StageError
-from ftflow.mixing import concat_rows, mix_train_splits, mixture_text
+from ftflow.mixing import mix_train_splits
 from ftflow.report.settings import experiment_settings
 from ftflow.report.table import stages_text
+from ftflow.specs import concat_rows
 from ftflow.train import load_training_data
 from helpers import COLMAP, Workspace, planned_jobs, raw_config, snakemake
 
@@ -89,14 +90,6 @@ def test_text_blocks_mix_with_chat_rows():
     )
     assert sorted(rows_of(mixed)) == [(0, i) for i in range(4)] + [(1, i) for i in range(4)]
     assert record["rows"] == 8
-
-
-def test_mixture_text_names_weights_and_strategy():
-    assert mixture_text(("general-zh", "my-sft"), mix("concat", **{"general-zh": 0.2, "my-sft": 1.0})) == (
-        "general-zh 0.2 + my-sft"
-    )
-    assert mixture_text(("a", "b"), mix("interleave", a=1.0, b=3.0)) == "a | b 3"
-    assert mixture_text(("a",), {}) == "a"
 
 
 # --------------------------------------------------------------------------- the train job
@@ -191,9 +184,20 @@ def test_data_folders_in_the_wrong_order_are_refused(ws):
 def test_report_names_the_mixture(ws):
     assert stages_text(SimpleNamespace(spec=ws.plan.experiments["concat"])) == "lora[general 0.25 + colmap 1.5]"
     assert stages_text(SimpleNamespace(spec=ws.plan.experiments["task"])) == "lora"
+    assert stages_text(SimpleNamespace(spec=ws.plan.experiments["interleave"])) == "lora[general | colmap 3]"
     settings = experiment_settings(ws.plan.experiments["interleave"])
     assert settings["dataset"] == "general + colmap"
     assert (settings["mix.strategy"], settings["mix.weights.general"], settings["mix.seed"]) == ("interleave", 1.0, 1)
+
+
+def test_report_names_the_mixture_of_a_later_stage(tmp_path):
+    from ftflow.config import build_plan
+
+    stages = [{"name": "pt"}, {"name": "sft", "dataset": ["general", "colmap"], "mix": {"weights": {"general": 0.2}}}]
+    raw = raw_config({"curriculum": {"stages": stages}})
+    raw["datasets"]["general"] = GENERAL
+    spec = build_plan(raw, workdir=str(tmp_path), results=str(tmp_path / "results")).experiments["curriculum"]
+    assert stages_text(SimpleNamespace(spec=spec)) == "pt:lora > sft:lora[general 0.2 + colmap]"
 
 
 # --------------------------------------------------------------------------- the DAG

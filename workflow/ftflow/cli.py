@@ -46,14 +46,9 @@ def cmd_resolve(args) -> int:
         json.dump({"experiments": rows, "data": sorted(plan.data), "seconds": seconds}, sys.stdout, indent=2)
         print()
         return 0
-    from .mixing import mixture_text
-
     width = max(len(r["experiment"]) for r in rows)
     for r in rows:
-        stages = (
-            " > ".join(f"{s['name']}:{s['method']}[{mixture_text(s['datasets'], s['mix'])}]" for s in r["stages"])
-            or "(untuned baseline)"
-        )
+        stages = " > ".join(f"{s['name']}:{s['method']}[{s['data']}]" for s in r["stages"]) or "(untuned baseline)"
         print(f"{r['experiment']:<{width}}  {r['config_hash']}  {r['model']}  {stages}")
     print(f"{len(rows)} experiments, {len(plan.data)} tokenization jobs, resolved in {seconds:.3f} s", file=sys.stderr)
     return 0

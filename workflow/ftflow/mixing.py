@@ -14,31 +14,15 @@ the stage's `mix` says, with its seed, so a re-run sees the same rows:
               seeded order, until the first member with a weight above 0 has given
               all its rows (LLaMA-Factory's `interleave_under`); no row repeats
 
-The planner (row counts, for its AdaLoRA check), the report and `ftflow resolve`
-(the mixture's name) and the train job share this module; only the job's
-functions import `datasets` and numpy.
+The weights' meaning for concat (specs.concat_rows) and the mixture's name
+(StageSpec.data_text) are in the typed contract, which the planner reads too.
 """
 
 from __future__ import annotations
 
-import math
+from .specs import concat_rows
 
 MEMBER_COLUMN = "ftflow_member"  # the member each row came from, while interleaving
-
-
-def concat_rows(train_rows: int, weight: float) -> int:
-    """The rows concat takes from a member of `train_rows` rows at `weight`: the product, rounded half up."""
-    return int(math.floor(train_rows * weight + 0.5))
-
-
-def mixture_text(datasets: tuple[str, ...], mix: dict) -> str:
-    """A stage's data as the report names it: `general-zh 0.2 + my-sft` (concat; a weight
-    of 1 goes unwritten), `general-zh 0.2 | my-sft` (interleave); one dataset: its name."""
-    if len(datasets) == 1:
-        return datasets[0]
-    weights = mix["weights"]
-    parts = [name if weights[name] == 1 else f"{name} {weights[name]:g}" for name in datasets]
-    return (" + " if mix["strategy"] == "concat" else " | ").join(parts)
 
 
 def mix_train_splits(members: list, names: tuple[str, ...], data_ids: tuple[str, ...], mix: dict):

@@ -10,6 +10,7 @@ never index string-keyed dicts. Standard library only: the planner imports it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,6 +90,12 @@ class DataSpec:
     settings: dict = field(default_factory=dict)
 
 
+def concat_rows(train_rows: int, weight: float) -> int:
+    """What a concat mixture's weight means: the rows taken from a member of `train_rows` rows,
+    weight x rows rounded half up (the planner counts steps with it, the train job takes them)."""
+    return int(math.floor(train_rows * weight + 0.5))
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -117,6 +124,16 @@ class StageSpec:
     @property
     def is_mixture(self) -> bool:
         return len(self.datasets) > 1
+
+    @property
+    def data_text(self) -> str:
+        """The stage's data as messages and the report name it: its dataset, or its mixture:
+        `general-zh 0.2 + my-sft` (concat; a weight of 1 goes unwritten), `general-zh 0.2 | my-sft` (interleave)."""
+        if not self.is_mixture:
+            return self.datasets[0]
+        weights = self.mix["weights"]
+        parts = [name if weights[name] == 1 else f"{name} {weights[name]:g}" for name in self.datasets]
+        return (" + " if self.mix["strategy"] == "concat" else " | ").join(parts)
 
     @property
     def data_id(self) -> str:

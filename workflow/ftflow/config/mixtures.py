@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 from ..errors import ConfigError
-from ..mixing import concat_rows
-from ..specs import DatasetSpec, StageSpec
+from ..specs import DatasetSpec, StageSpec, concat_rows
 from .checks import check_choice, did_you_mean
 from .datasets import known_train_rows
 from .schema import MIX_DEFAULTS, MIX_STRATEGIES

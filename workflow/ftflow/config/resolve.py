@@ -90,6 +90,7 @@ class Plan:
                         "datasets": list(s.datasets),
                         "data_ids": list(s.data_ids),
                         "mix": s.mix,
+                        "data": s.data_text,
                     }
                     for s in exp.stages
                 ],

@@ -11,7 +11,6 @@ from typing import Callable
 
 from ..errors import ConfigError
 from ..methods import METHODS
-from ..mixing import mixture_text
 from ..schedule import adalora_schedule_problem, optimizer_steps, smoke_adalora_schedule
 from ..specs import DatasetSpec, StageSpec
 from .checks import check_choice, check_name
@@ -211,6 +210,6 @@ def check_adalora_schedule(path: str, stage: StageSpec, datasets: dict[str, Data
         how = (
             f"training.max_steps {max_steps}"
             if max_steps > 0
-            else f"at most {rows} training rows of {'mixture' if stage.is_mixture else 'dataset'} {mixture_text(stage.datasets, stage.mix)!r} / batch {batch} / accumulation {accumulation} x {epochs:g} epochs"
+            else f"at most {rows} training rows of {'mixture' if stage.is_mixture else 'dataset'} {stage.data_text!r} / batch {batch} / accumulation {accumulation} x {epochs:g} epochs"
         )
         raise ConfigError(f"{path}.adalora", f"{problem}; total_step {total} comes from {how}")

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
-from ..mixing import mixture_text
 from ..specs import StageSpec
 from .collect import Run
 from .formatting import finite, format_value
@@ -145,7 +144,7 @@ def stages_text(run: Run) -> str:
         return "untuned"
 
     def text(stage: StageSpec) -> str:
-        mixture = f"[{mixture_text(stage.datasets, stage.mix)}]" if stage.is_mixture else ""
+        mixture = f"[{stage.data_text}]" if stage.is_mixture else ""
         return (stage.method if len(stages) == 1 else f"{stage.name}:{stage.method}") + mixture
 
     return " > ".join(text(stage) for stage in stages)
