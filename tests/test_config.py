@@ -276,6 +276,7 @@ def test_mix_merges_key_by_key_but_weights_whole(tmp_path):
         "seed": 7,
     }
     assert plan.experiments["single"].stages[0].datasets == ("d",)
+    assert plan.experiments["baseline"].eval.dataset == "d"  # the default list's last member
 
 
 def test_a_sweep_varies_mixture_weights(tmp_path):
