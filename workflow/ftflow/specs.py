@@ -105,9 +105,7 @@ class StageSpec:
     data_ids: tuple[str, ...]  # each member's tokenized data (results/data/{data_id}), in the same order
     mix: dict  # {} for one dataset; a mixture's {strategy, weights: {member: weight, every member}, seed}
     init_from: str  # merged | adapter
-    max_length: (
-        int  # tokens per example; a mixture's members without a stage max_length keep their own (the largest here)
-    )
+    max_length: int  # tokens per example (a mixture's members without a stage value keep theirs: the largest)
     packing: bool
     lora: dict
     adalora: dict
