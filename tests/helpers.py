@@ -141,7 +141,7 @@ class Workspace:
             str(self.results / experiment / "config.json"),
             stage,
             str(base or self.base),
-            str(self.results / "data" / spec.data_id),
+            [str(self.results / "data" / data_id) for data_id in spec.data_ids],
             str(self.stage_dir(experiment, stage)),
             str(adapter) if adapter else None,
         )

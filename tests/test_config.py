@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ftflow.config import build_plan, expand_sweeps, load_yaml
-from ftflow.errors import ConfigError
+from ftflow.errors import ConfigError, FtflowError
 from ftflow.hashing import content_hash
 from helpers import REPO
 
@@ -260,3 +260,158 @@ def test_yaml_syntax_error_is_one_line_from_snakemake(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "YAML" in line]
     assert errors == [f"ftflow config error: {SYNTAX_LINE}"]
+
+
+# --------------------------------------------------------------------------- mixtures
+
+GENERAL = {"source": "generator:column_mapping", "args": {"seed": 9, "train": 40}, "kind": "chat", "max_length": 256}
+
+
+def with_general(experiments: dict, **extra) -> dict:
+    return {"datasets": {**BASE["datasets"], "general": GENERAL}, "experiments": experiments, **extra}
+
+
+def test_mixture_members_share_data_ids_with_one_dataset_experiments(tmp_path):
+    plan = plan_of(
+        with_general(
+            {
+                "task": {},
+                "general-only": {"dataset": "general"},
+                "mixed": {"dataset": ["general", "d"], "mix": {"weights": {"general": 0.2}}},
+            }
+        ),
+        tmp_path,
+    )
+    (task,), (general,), (mixed,) = (plan.experiments[n].stages for n in ("task", "general-only", "mixed"))
+    assert mixed.datasets == ("general", "d") and mixed.is_mixture
+    assert mixed.data_ids == (general.data_id, task.data_id)  # each member tokenized once, at its own max_length
+    assert len(plan.data) == 2
+    assert mixed.mix == {"strategy": "concat", "weights": {"general": 0.2, "d": 1.0}, "seed": 0}
+    assert mixed.max_length == 256  # the longest member's
+    # evaluated on the last member, the task data, like the one-dataset run on it
+    assert plan.experiments["mixed"].eval.data_id == plan.experiments["task"].eval.data_id
+    assert not task.is_mixture and task.mix == {}
+    with pytest.raises(FtflowError, match="use data_ids"):
+        _ = mixed.data_id
+
+
+def test_one_item_list_is_the_dataset_itself(tmp_path):
+    listed = plan_of({"experiments": {"e1": {"dataset": ["d"]}}}, tmp_path).experiments["e1"]
+    assert listed.to_json() == plan_of({}, tmp_path).experiments["e1"].to_json()
+
+
+def test_mix_merges_key_by_key_but_weights_whole(tmp_path):
+    plan = plan_of(
+        with_general(
+            {
+                "inherits": {},
+                "stage-sets": {"stages": [{"mix": {"strategy": "interleave", "weights": {"d": 3}}}]},
+                "single": {"dataset": "d", "mix": None},  # null drops the inherited mix
+            },
+            defaults={**BASE["defaults"], "dataset": ["general", "d"], "mix": {"seed": 7, "weights": {"general": 0.5}}},
+        ),
+        tmp_path,
+    )
+    assert plan.experiments["inherits"].stages[0].mix == {
+        "strategy": "concat",
+        "weights": {"general": 0.5, "d": 1.0},
+        "seed": 7,
+    }
+    assert plan.experiments["stage-sets"].stages[0].mix == {
+        "strategy": "interleave",
+        "weights": {"general": 1.0, "d": 3.0},
+        "seed": 7,
+    }
+    assert plan.experiments["single"].stages[0].datasets == ("d",)
+    assert plan.experiments["baseline"].eval.dataset == "d"  # the default list's last member
+
+
+def test_a_sweep_varies_mixture_weights(tmp_path):
+    plan = plan_of(
+        with_general(
+            {"mixed": {"dataset": ["general", "d"]}},
+            sweeps={"w": {"base": "mixed", "grid": {"mix.weights.general": [0.1, 0.5]}}},
+        ),
+        tmp_path,
+    )
+    weights = [plan.experiments[n].stages[0].mix["weights"]["general"] for n in ("w-1", "w-2")]
+    assert weights == [0.1, 0.5]
+
+
+@pytest.mark.parametrize(
+    "experiment, expected",
+    [
+        (
+            {"dataset": ["general", "nope"]},
+            "experiments.e1.dataset: unknown dataset 'nope' (defined: d, general)",
+        ),
+        (
+            {"stages": [{}, {"dataset": ["d", "general", "d"]}]},
+            "experiments.e1.stages[1].dataset: 'd' is listed twice",
+        ),
+        (
+            {"dataset": ["general", "d"], "mix": {"weights": {"generl": 0.5}}},
+            "experiments.e1.mix.weights.generl: 'generl' is not in the dataset list [general, d] (did you mean 'general'?)",
+        ),
+        (
+            {"dataset": ["general", "d"], "mix": {"weights": {"general": -0.5}}},
+            "experiments.e1.mix.weights.general: -0.5 is less than the minimum of 0",
+        ),
+        (
+            {"dataset": ["general", "d"], "mix": {"strategy": "interleave", "weights": {"general": 0, "d": 0}}},
+            "experiments.e1.mix.weights: every weight is 0: interleave has no member to draw from",
+        ),
+        (
+            {"dataset": ["general", "d"], "mix": {"weights": {"general": 0, "d": 0.0}}},
+            "experiments.e1.mix.weights: every weight is 0: concat takes no row",
+        ),
+        (
+            {"stages": [{"name": "sft", "mix": {"seed": 1}}]},
+            "experiments.e1.stages[0].mix: mixes a list of datasets, and this stage trains on 'd' alone"
+            " (remove mix, or set mix: null where an inherited one should stop)",
+        ),
+        (
+            {"dataset": ["general", "d"], "mix": {"strategy": "interleave_under"}},
+            "experiments.e1.mix.strategy: 'interleave_under' is not one of ['concat', 'interleave']",
+        ),
+        (
+            {"dataset": ["general", "d"], "mix": {"weight": {"d": 1}}},
+            "experiments.e1.mix.weight: unknown key (did you mean 'weights'?)",
+        ),
+        ({"dataset": []}, "experiments.e1.dataset: [] should be non-empty"),
+    ],
+)
+def test_mixture_errors_name_experiment_stage_and_key(experiment, expected, tmp_path):
+    message = error_of(with_general({"e1": experiment}), tmp_path)
+    assert message.startswith(expected) and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "point, expected",
+    [
+        ({"mix.weights.general": -1}, "experiments.w-1.mix.weights.general: must be a number >= 0, got -1"),
+        (
+            {"mix.strategy": "mix"},
+            "experiments.w-1.mix.strategy: unknown mix strategy 'mix' (one of concat, interleave)",
+        ),
+        ({"dataset": ["d", "d"]}, "experiments.w-1.dataset: 'd' is listed twice"),
+    ],
+)
+def test_mixture_errors_from_a_sweep(point, expected, tmp_path):
+    """A sweep's values never pass the schema: the planner's own checks catch them."""
+    extra = with_general({"mixed": {"dataset": ["general", "d"]}}, sweeps={"w": {"base": "mixed", "list": [point]}})
+    message = error_of(extra, tmp_path)
+    assert message.startswith(expected), message
+
+
+def test_adalora_check_counts_a_concat_mixture_rows(tmp_path):
+    """general gives round(0.5 x 40) = 20 rows and d its 400 generated ones: 420 rows, 53 steps of 8."""
+    adalora = {"method": "adalora", "adalora": {"tinit": 50, "tfinal": 10}}
+    training = {"max_steps": -1, "num_train_epochs": 1}
+    message = error_of(
+        with_general(
+            {"e1": {**adalora, "training": training, "dataset": ["general", "d"], "mix": {"weights": {"general": 0.5}}}}
+        ),
+        tmp_path,
+    )
+    assert "at most 420 training rows of mixture 'general 0.5 + d'" in message, message

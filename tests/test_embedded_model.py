@@ -51,7 +51,9 @@ def run(tmp_path_factory):
     data_dir = results / "data" / stage.data_id
     tokenize(str(results / "data" / f"{stage.data_id}.json"), str(data_dir))
     stage_dir = results / "lora" / "train"
-    metrics = train_stage(str(results / "lora" / "config.json"), "train", str(model_dir), str(data_dir), str(stage_dir))
+    metrics = train_stage(
+        str(results / "lora" / "config.json"), "train", str(model_dir), [str(data_dir)], str(stage_dir)
+    )
     merge_stage(str(stage_dir / "train_metrics.json"), str(model_dir), str(stage_dir / "merged"))
     evaluation = evaluate_experiment(
         str(results / "lora" / "config.json"), str(stage_dir / "merged"), str(data_dir), str(results / "lora" / "eval")

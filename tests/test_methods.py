@@ -156,7 +156,7 @@ def test_adalora_loss_includes_orthogonality_penalty(ws):
     config = json.loads((ws.results / "adalora" / "config.json").read_text())
     stage = StageSpec.from_json(config["stages"][0])
     model, tokenizer, _ = setup_for_training(stage, str(ws.base), None, "cpu", total_step=4)
-    train_data, _ = load_training_data(str(ws.results / "data" / stage.data_id), stage, "adalora")
+    train_data, _, _ = load_training_data([str(ws.results / "data" / stage.data_id)], stage, "adalora")
     from ftflow.packing import packing_collator
 
     collator = packing_collator()
@@ -215,7 +215,7 @@ def test_load_best_model_at_end_saves_the_best_checkpoint(ws):
     assert metrics["best_checkpoint_step"] == best["step"]
     # the saved adapter scores the best evaluation loss on the validation split
     stage_config = StageSpec.from_json(json.loads((ws.results / "best" / "config.json").read_text())["stages"][0])
-    _, validation = load_training_data(str(ws.results / "data" / stage_config.data_id), stage_config, "best")
+    _, validation, _ = load_training_data([str(ws.results / "data" / stage_config.data_id)], stage_config, "best")
     from ftflow.packing import packing_collator
 
     model = PeftModel.from_pretrained(models.load_model(str(ws.base)), ws.stage_dir("best") / "adapter")

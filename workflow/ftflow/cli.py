@@ -52,7 +52,7 @@ def cmd_resolve(args) -> int:
         return 0
     width = max(len(r["experiment"]) for r in rows)
     for r in rows:
-        stages = " > ".join(f"{s['name']}:{s['method']}[{s['dataset']}]" for s in r["stages"]) or "(untuned baseline)"
+        stages = " > ".join(f"{s['name']}:{s['method']}[{s['data']}]" for s in r["stages"]) or "(untuned baseline)"
         print(f"{r['experiment']:<{width}}  {r['config_hash']}  {r['model']}  {stages}")
     print(f"{len(rows)} experiments, {len(plan.data)} tokenization jobs, resolved in {seconds:.3f} s", file=sys.stderr)
     return 0
@@ -206,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the experiment's config.json")
     p.add_argument("--stage", required=True)
     p.add_argument("--base", required=True, help="model folder the stage starts from")
-    p.add_argument("--data", required=True, help="tokenized data folder")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="tokenized data folder; a mixture's members, in the stage's dataset order (several, or --data repeated)",
+    )
     p.add_argument("--out", required=True, help="the stage's folder")
     p.add_argument("--adapter", help="adapter to continue (init_from: adapter)")
     p.add_argument("--threads", type=int)

@@ -10,6 +10,7 @@ never index string-keyed dicts. Standard library only: the planner imports it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,9 @@ from .errors import FtflowError
 from .hashing import content_hash
 from .methods import METHODS, Method
 
-FORMAT_VERSION = 1  # bump when the meaning of a resolved config changes
+# Bump when the meaning of a resolved config changes. 2: a stage names its datasets, data_ids
+# and mix (mixtures) instead of one dataset and data_id.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -88,15 +91,22 @@ class DataSpec:
     settings: dict = field(default_factory=dict)
 
 
+def concat_rows(train_rows: int, weight: float) -> int:
+    """What a concat mixture's weight means: the rows taken from a member of `train_rows` rows,
+    weight x rows rounded half up (the planner counts steps with it, the train job takes them)."""
+    return int(math.floor(train_rows * weight + 0.5))
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     index: int
     method: str
-    dataset: str
-    data_id: str
+    datasets: tuple[str, ...]  # what the stage trains on, in config order; two or more are a mixture
+    data_ids: tuple[str, ...]  # each member's tokenized data (results/data/{data_id}), in the same order
+    mix: dict  # {} for one dataset; a mixture's {strategy, weights: {member: weight, every member}, seed}
     init_from: str  # merged | adapter
-    max_length: int
+    max_length: int  # tokens per example (a mixture's members without a stage value keep theirs: the largest)
     packing: bool
     lora: dict
     adalora: dict
@@ -110,9 +120,30 @@ class StageSpec:
         """The method's registry entry: its artifact, sections and PEFT config."""
         return METHODS[self.method]
 
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.datasets) > 1
+
+    @property
+    def data_text(self) -> str:
+        """The stage's data as messages and the report name it: its dataset, or its mixture:
+        `general-zh 0.2 + my-sft` (concat; a weight of 1 goes unwritten), `general-zh 0.2 | my-sft` (interleave)."""
+        if not self.is_mixture:
+            return self.datasets[0]
+        weights = self.mix["weights"]
+        parts = [name if weights[name] == 1 else f"{name} {weights[name]:g}" for name in self.datasets]
+        return (" + " if self.mix["strategy"] == "concat" else " | ").join(parts)
+
+    @property
+    def data_id(self) -> str:
+        """The tokenized data of a one-dataset stage; a mixture has one per member (data_ids)."""
+        if self.is_mixture:
+            raise FtflowError(f"stage {self.name!r} trains on a mixture of {len(self.datasets)} datasets: use data_ids")
+        return self.data_ids[0]
+
     @classmethod
     def from_json(cls, data: dict) -> StageSpec:
-        return cls(**data)
+        return cls(**{**data, "datasets": tuple(data["datasets"]), "data_ids": tuple(data["data_ids"])})
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,16 @@ Stage folder `results/{experiment}/{stage}/`:
   tb/                  TensorBoard event files (train/ and eval/ scalars)
   train_metrics.json   written last: steps, tokens, tokens/s, losses, memory, status
 
-A killed job re-run resumes from its last complete checkpoint (resume.py).
+A stage on a mixture of datasets gets one data folder per member and combines
+their train splits here (mixing.py); train_metrics.json records the rows taken
+from each. A killed job re-run resumes from its last complete checkpoint (resume.py).
 The Trainer, its loss and its callbacks are in trainer.py; the model and its
 adapter are built in model_setup.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
@@ -30,6 +33,7 @@ from . import adalora, disk
 from .atomic import atomic_dir, read_json, write_json
 from .data import load_split
 from .errors import FtflowError, StageError, in_stage
+from .mixing import mix_train_splits
 from .model_setup import check_precision, setup_for_training
 from .models import device_type
 from .packing import packing_collator, padding_collator
@@ -39,6 +43,8 @@ from .resume import Resume, find_resume, stage_stamp, tensorboard_writer
 from .specs import ExperimentSpec, StageSpec
 from .status import read_status
 from .trainer import AdaLoraRestore, DivergenceGuard, FtflowTrainer, build_training_arguments
+
+log = logging.getLogger("ftflow.train")
 
 METRICS_FILE = "train_metrics.json"  # paths.Layout.train_metrics
 TRAINING_COLUMNS = ("input_ids", "labels", "length")  # what the collators take from a tokenized split
@@ -57,8 +63,14 @@ class Fit:
 
 
 def train_stage(
-    config_path: str, stage_name: str, base_dir: str, data_dir: str, out_dir: str, adapter_dir: str | None = None
+    config_path: str,
+    stage_name: str,
+    base_dir: str,
+    data_dirs: list[str],
+    out_dir: str,
+    adapter_dir: str | None = None,
 ) -> dict:
+    """Train one stage; `data_dirs` holds the tokenized data of each of its datasets, in the stage's order."""
     experiment = ExperimentSpec.read(config_path)
     stage = stage_of(experiment, stage_name)
     metrics_path = os.path.join(out_dir, METRICS_FILE)
@@ -70,7 +82,7 @@ def train_stage(
         return write_metrics(metrics_path, experiment, stage, **skipped)
 
     device = set_up_device(stage, experiment.name)
-    train_data, eval_data = load_training_data(data_dir, stage, experiment.name)
+    train_data, eval_data, mixture = load_training_data(data_dirs, stage, experiment.name)
     checkpoints_dir, tb_dir = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "tb")
     args = build_training_arguments(
         stage.training, stage.packing, checkpoints_dir, eval_data is not None, f"{experiment.name}/{stage.name}", device
@@ -95,6 +107,7 @@ def train_stage(
     if status == "ok":
         save_artifact(trainer, tokenizer, stage, experiment.name, out_dir)
     extra = stage_metrics(trainer, fit, resume, stage, len(train_data), parameters, adapter_dir, device)
+    extra["mixture"] = mixture
     if guard.reason:
         extra["reason"] = guard.reason
     # A diverged stage keeps nothing to resume from: re-running it with the same config diverges again.
@@ -145,22 +158,57 @@ def set_up_device(stage: StageSpec, experiment: str) -> str:
     return device
 
 
-def load_training_data(data_dir: str, stage: StageSpec, experiment: str):
-    """(train split, validation split or None): the validation split only when the stage evaluates while training."""
-    train = load_split(data_dir, "train", TRAINING_COLUMNS)
-    if train is None or len(train) == 0:
-        raise StageError(experiment, stage.name, "the training split is empty after tokenization")
+def load_training_data(data_dirs: list[str], stage: StageSpec, experiment: str):
+    """(train split, validation split or None, the mixture's record or None).
+
+    `data_dirs` are the stage's datasets' folders, in its order; a mixture's train
+    splits are combined as its `mix` says. The validation split, read only when the
+    stage evaluates while training, is the last dataset's: the task data the experiment
+    is scored on, so the best checkpoint is picked on it (members' validation sizes
+    are arbitrary; pooled, they would weigh the members by accident).
+    """
+    if len(data_dirs) != len(stage.datasets):
+        raise StageError(
+            experiment,
+            stage.name,
+            f"got {len(data_dirs)} data folders for the {len(stage.datasets)} datasets {list(stage.datasets)}",
+        )
+    members = []
+    for data_dir, data_id, dataset in zip(data_dirs, stage.data_ids, stage.datasets):
+        check_data_folder(data_dir, data_id, experiment, stage.name)
+        train = load_split(data_dir, "train", TRAINING_COLUMNS)
+        if train is None or len(train) == 0:
+            raise StageError(
+                experiment, stage.name, f"dataset {dataset!r}: the training split is empty after tokenization"
+            )
+        members.append(train)
+    mixture = None
+    train = members[0]
+    if stage.is_mixture:
+        train, mixture = mix_train_splits(members, stage.datasets, stage.data_ids, stage.mix)
+        taken = ", ".join(f"{m['dataset']} {m['rows_taken']} of {m['train_rows']}" for m in mixture["members"])
+        log.info("mixture (%s): %d training rows: %s", stage.mix["strategy"], len(train), taken)
+        if len(train) == 0:
+            raise StageError(experiment, stage.name, "mix: the mixture takes no training row")
     if stage.training.get("eval_strategy", "no") == "no":
-        return train, None
+        return train, None, mixture
     # Never the test split: choosing the best checkpoint on it would leak it into the scores.
-    validation = load_split(data_dir, "validation", TRAINING_COLUMNS)
+    validation = load_split(data_dirs[-1], "validation", TRAINING_COLUMNS)
     if validation is None or len(validation) == 0:
         raise StageError(
             experiment,
             stage.name,
-            f"training.eval_strategy: dataset {stage.dataset!r} has no validation rows to evaluate on",
+            f"training.eval_strategy: dataset {stage.datasets[-1]!r} has no validation rows to evaluate on",
         )
-    return train, validation
+    return train, validation, mixture
+
+
+def check_data_folder(data_dir: str, data_id: str, experiment: str, stage: str) -> None:
+    """A data folder given in the wrong order (or of another tokenization) is refused, never trained on."""
+    stats = os.path.join(data_dir, "stats.json")
+    found = read_json(stats).get("data_id") if os.path.exists(stats) else data_id
+    if found != data_id:
+        raise StageError(experiment, stage, f"{data_dir} holds tokenized data {found!r}, expected {data_id!r}")
 
 
 def build_trainer(

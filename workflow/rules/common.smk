@@ -96,7 +96,8 @@ def get_adapter_flag(wildcards, input):
 
 
 def get_stage_data(wildcards):
-    return LAYOUT.data_dir(get_stage(wildcards).data_id)
+    """The tokenized data of each of the stage's datasets (a mixture's members), in its order."""
+    return [LAYOUT.data_dir(data_id) for data_id in get_stage(wildcards).data_ids]
 
 
 def get_data_model(wildcards):

@@ -1,5 +1,5 @@
 rule train:
-    """One training stage; train_metrics.json is written last and marks completion."""
+    """One training stage (on a mixture: every member's data, combined in the job); train_metrics.json is written last and marks completion."""
     input:
         config=LAYOUT.experiment_config("{experiment}"),
         base=get_stage_base,

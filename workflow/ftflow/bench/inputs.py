@@ -158,7 +158,7 @@ def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> Bench
     targets = sorted({f"results/data/{stage.data_id}", f"results/data/{exp.eval.data_id}", merged})
     command = snakemake_command(work, local_config, smoke, "--cores", str(cores), *targets)
     seconds, _ = run_snakemake(
-        command, f"preparing {exp.model}, tokenizing {stage.dataset} and training {exp.name} in {work}"
+        command, f"preparing {exp.model}, tokenizing {', '.join(stage.datasets)} and training {exp.name} in {work}"
     )
     return BenchInputs(
         work=work,

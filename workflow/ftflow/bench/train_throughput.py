@@ -281,7 +281,7 @@ def run_ftflow_path(
         stage["training"].get("gradient_accumulation_steps", 1)
     )
     # the order of `ftflow train`: data, arguments, seed, model
-    train, _ = load_training_data(data_dir, StageSpec.from_json(stage), "bench")
+    train, _, _ = load_training_data([data_dir], StageSpec.from_json(stage), "bench")
     if len(train) < steps * per_step:
         raise FtflowError(
             f"bench: the train split of {data_dir} has {len(train)} examples; the run needs {steps * per_step}"

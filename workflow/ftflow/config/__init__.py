@@ -6,6 +6,7 @@
     sweeps    sweeps expanded into named experiments
     sections  training/lora/adalora/quantization/divergence/eval checks
     datasets  dataset checks, source fingerprints and the settings that make a data_id
+    mixtures  a stage's dataset or list of datasets, and its mix settings
     stages    one stage resolved (defaults <- experiment <- stage) and checked
     resolve   build_plan -> Plan, the tokenization jobs, evaluations and baselines
 

@@ -9,7 +9,7 @@ untuned baselines. Nothing here imports torch or transformers, so planning a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..atomic import write_if_changed
@@ -84,7 +84,15 @@ class Plan:
                 "baseline": exp.baseline,
                 "sweep": exp.sweep,
                 "stages": [
-                    {"name": s.name, "method": s.method, "dataset": s.dataset, "data_id": s.data_id} for s in exp.stages
+                    {
+                        "name": s.name,
+                        "method": s.method,
+                        "datasets": list(s.datasets),
+                        "data_ids": list(s.data_ids),
+                        "mix": s.mix,
+                        "data": s.data_text,
+                    }
+                    for s in exp.stages
                 ],
                 "eval_data_id": exp.eval.data_id,
                 "config_hash": exp.config_hash,
@@ -229,17 +237,23 @@ def resolve_experiment(
             check_keys(stage_path, stage_raw, STAGE_KEYS)
             default_name = f"stage{index + 1}" if "stages" in exp else "train"
             stage = resolve_stage(
-                stage_path, index, merge_layers(stage_defaults, shared, stage_raw), default_name, datasets, smoke
+                stage_path,
+                index,
+                merge_layers(stage_defaults, shared, stage_raw),
+                default_name,
+                datasets,
+                smoke,
+                lambda dataset, max_length: data.data_id(dataset, model, max_length),
             )
-            stage = replace(stage, data_id=data.data_id(datasets[stage.dataset], model, stage.max_length))
             if any(s.name == stage.name for s in stages):
                 raise ConfigError(f"{stage_path}.name", f"duplicate stage name {stage.name!r}")
             if stage.init_from == "adapter":
                 check_adapter_continuation(stage_path, stage, stages[-1])
             if stage.method == "adalora":
-                check_adalora_schedule(stage_path, stage, datasets[stage.dataset], data.workdir)
+                check_adalora_schedule(stage_path, stage, datasets, data.workdir)
             stages.append(stage)
-    fallback = stages[-1].dataset if stages else defaults.get("dataset")
+    # A mixture is evaluated on its last member, the task data; a baseline on the default dataset.
+    fallback = stages[-1].datasets[-1] if stages else _last_member(defaults.get("dataset"))
     eval_raw = deep_merge(defaults.get("eval") or {}, exp.get("eval") or {})
     return ExperimentSpec(
         name=name,
@@ -252,6 +266,10 @@ def resolve_experiment(
         sweep_params=sweep["params"] if sweep else {},
         smoke=smoke is not None,
     )
+
+
+def _last_member(dataset: str | list | None) -> str | None:
+    return dataset[-1] if isinstance(dataset, list) and dataset else dataset
 
 
 def resolve_eval(

@@ -61,10 +61,12 @@ LORA_DEFAULTS = section_defaults(_STAGE["lora"])
 ADALORA_DEFAULTS = section_defaults(_STAGE["adalora"])
 QUANTIZATION_DEFAULTS = section_defaults(_STAGE["quantization"])
 DIVERGENCE_DEFAULTS = section_defaults(_STAGE["divergence"])
+# mix's own default is null (one dataset); a mixture's settings default key by key.
+MIX_DEFAULTS = {key: prop["default"] for key, prop in _STAGE["mix"]["properties"].items()}
 EVAL_DEFAULTS = section_defaults(SCHEMA["$defs"]["eval"])
 SMOKE_DEFAULTS = section_defaults(SCHEMA["properties"]["smoke_options"])
 REPORT_DEFAULTS = section_defaults(SCHEMA["properties"]["report"])
-# Scalar stage keys (method, init_from, max_length, packing, gpus).
+# Scalar stage keys (method, init_from, max_length, packing, gpus) and mix (null: one dataset).
 STAGE_DEFAULTS = {
     key: prop["default"] for key, prop in _STAGE.items() if "default" in prop and prop.get("type") != "object"
 }
@@ -75,6 +77,7 @@ MODEL_DEFAULTS = {key: prop["default"] for key, prop in _MODEL.items() if "defau
 
 METHOD_NAMES = tuple(_STAGE["method"]["enum"])
 INIT_FROM = tuple(_STAGE["init_from"]["enum"])
+MIX_STRATEGIES = tuple(_STAGE["mix"]["properties"]["strategy"]["enum"])
 LOSS_ON = tuple(v for v in _DATASET["loss_on"]["enum"] if v is not None)
 # Chat formats: each one's columns under LLaMA-Factory's keys, sharegpt's turn keys and roles.
 FORMATS = tuple(_DATASET["format"]["enum"])
@@ -96,6 +99,7 @@ SWEEP_KEYS = tuple(SCHEMA["properties"]["sweeps"]["additionalProperties"]["prope
 SECTION_KEYS = {
     "quantization": tuple(_STAGE["quantization"]["properties"]),
     "divergence": tuple(_STAGE["divergence"]["properties"]),
+    "mix": tuple(_STAGE["mix"]["properties"]),
     "eval": tuple(EVAL_DEFAULTS),
 }
 

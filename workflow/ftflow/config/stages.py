@@ -7,14 +7,15 @@ the stage's enums (method, init_from) are checked here against the schema's.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 from ..errors import ConfigError
 from ..methods import METHODS
 from ..schedule import adalora_schedule_problem, optimizer_steps, smoke_adalora_schedule
 from ..specs import DatasetSpec, StageSpec
 from .checks import check_choice, check_name
-from .datasets import known_train_rows
 from .loading import deep_merge
+from .mixtures import planned_train_rows, resolve_datasets
 from .schema import (
     ADALORA_DEFAULTS,
     DICT_SECTIONS,
@@ -52,32 +53,34 @@ def raw_stages(path: str, exp: dict) -> list[tuple[str, dict]]:
 
 
 def merge_layers(*layers: dict) -> dict:
-    """Later layers win; mapping sections merge key by key, so a stage changes one training key, not all."""
+    """Later layers win; mapping sections merge key by key, so a stage changes one training key, not all.
+    `mix` merges one level deep: its weights belong to one list of datasets and are replaced whole."""
     merged: dict = {}
     for layer in layers:
         for key, value in layer.items():
             if key in DICT_SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = deep_merge(merged[key], value)
+            elif key == "mix" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **copy.deepcopy(value)}
             else:
                 merged[key] = copy.deepcopy(value)
     return merged
 
 
 def resolve_stage(
-    path: str, index: int, merged: dict, default_name: str, datasets: dict[str, DatasetSpec], smoke: dict | None
+    path: str,
+    index: int,
+    merged: dict,
+    default_name: str,
+    datasets: dict[str, DatasetSpec],
+    smoke: dict | None,
+    data_id_of: Callable[[DatasetSpec, int], str],
 ) -> StageSpec:
-    """The stage's spec, data_id left empty (it depends on the model, which the caller knows)."""
+    """The stage's spec; `data_id_of(dataset, max_length)` names a member's tokenization (it depends on the model)."""
     values = {**STAGE_DEFAULTS, **merged}
     method = values["method"]
     check_choice(f"{path}.method", method, METHOD_NAMES, "method")
-    dataset_name = values.get("dataset")
-    if dataset_name is None:
-        raise ConfigError(f"{path}.dataset", "no dataset set for this stage", "set 'dataset' here or in defaults")
-    if dataset_name not in datasets:
-        raise ConfigError(
-            f"{path}.dataset", f"unknown dataset {dataset_name!r}", f"defined: {', '.join(datasets) or 'none'}"
-        )
-    dataset = datasets[dataset_name]
+    names, mix = resolve_datasets(path, values.get("dataset"), values["mix"], datasets)
     init_from = values["init_from"]
     check_choice(f"{path}.init_from", init_from, INIT_FROM)
     training = _section(path, "training", merged)
@@ -85,10 +88,12 @@ def resolve_stage(
     sections = {
         section: _section(path, section, merged) for section in ("lora", "adalora", "quantization", "divergence")
     }
-    max_length = values["max_length"] or dataset.max_length
+    # Each member is tokenized at the stage's max_length, or else at its own, as a one-dataset
+    # stage on it would be: the two share the tokenized data.
+    lengths = [values["max_length"] or datasets[name].max_length for name in names]
     if smoke:
         _cap_for_smoke(training, smoke)
-        max_length = min(max_length, smoke["max_length"])
+        lengths = [min(length, smoke["max_length"]) for length in lengths]
     adalora = sections["adalora"]
     if method == "adalora" and adalora["target_r"] > adalora["init_r"]:
         raise ConfigError(
@@ -126,10 +131,11 @@ def resolve_stage(
         name=name,
         index=index,
         method=method,
-        dataset=dataset_name,
-        data_id="",
+        datasets=names,
+        data_ids=tuple(data_id_of(datasets[name], length) for name, length in zip(names, lengths)),
+        mix=mix,
         init_from=init_from,
-        max_length=int(max_length),
+        max_length=int(max(lengths)),
         packing=bool(values["packing"]),
         lora=sections["lora"] if "lora" in kept else {},
         adalora=adalora if "adalora" in kept else {},
@@ -187,11 +193,11 @@ def check_adapter_continuation(path: str, stage: StageSpec, previous: StageSpec)
             )
 
 
-def check_adalora_schedule(path: str, stage: StageSpec, dataset: DatasetSpec, workdir: str) -> None:
+def check_adalora_schedule(path: str, stage: StageSpec, datasets: dict[str, DatasetSpec], workdir: str) -> None:
     """Reject, before any job, a schedule with no budgeting phase whenever the step count is known now."""
     training = stage.training
     max_steps = training.get("max_steps", -1)
-    rows = None if max_steps > 0 else known_train_rows(dataset, workdir)
+    rows = None if max_steps > 0 else planned_train_rows(stage, datasets, workdir)
     if max_steps <= 0 and rows is None:
         return  # counted exactly at train time (train.py checks again)
     batch, accumulation = training["per_device_train_batch_size"], training.get("gradient_accumulation_steps", 1)
@@ -204,6 +210,6 @@ def check_adalora_schedule(path: str, stage: StageSpec, dataset: DatasetSpec, wo
         how = (
             f"training.max_steps {max_steps}"
             if max_steps > 0
-            else f"at most {rows} training rows of dataset {dataset.name!r} / batch {batch} / accumulation {accumulation} x {epochs:g} epochs"
+            else f"at most {rows} training rows of {'mixture' if stage.is_mixture else 'dataset'} {stage.data_text!r} / batch {batch} / accumulation {accumulation} x {epochs:g} epochs"
         )
         raise ConfigError(f"{path}.adalora", f"{problem}; total_step {total} comes from {how}")

@@ -79,7 +79,7 @@ def job_chain(layout: Layout, spec: ExperimentSpec) -> list[tuple[str, str, str]
     """(step, output, log) of every job an experiment's evaluation needs, in run order, as the rules name them."""
     model = Layout.model_name(spec.model, spec.smoke)
     chain = [("prepare_model", layout.model_dir(model), layout.model_log(model))]
-    data_ids = dict.fromkeys([stage.data_id for stage in spec.stages] + [spec.eval.data_id])
+    data_ids = dict.fromkeys([data_id for stage in spec.stages for data_id in stage.data_ids] + [spec.eval.data_id])
     chain += [("tokenize", layout.data_dir(data_id), layout.data_log(data_id)) for data_id in data_ids]
     stages = spec.stages
     for i, stage in enumerate(stages):

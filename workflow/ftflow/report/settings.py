@@ -39,14 +39,16 @@ def _flatten(prefix: str, value, out: dict) -> None:
 
 
 def stage_settings(stage: StageSpec) -> dict:
-    """The settings of one stage that matter for its method, flattened to dotted keys."""
+    """The settings of one stage that matter for its method, flattened to dotted keys; a mixture's
+    datasets are joined with ' + ' and its mix settings (`mix.weights.<dataset>`) are keys of their own."""
     out: dict = {
         "method": stage.method,
-        "dataset": stage.dataset,
+        "dataset": " + ".join(stage.datasets),
         "max_length": stage.max_length,
         "packing": stage.packing,
         "init_from": stage.init_from,
     }
+    _flatten("mix", stage.mix, out)
     _flatten("training", stage.training, out)
     for section in METHODS[stage.method].sections:
         _flatten(section, getattr(stage, section), out)

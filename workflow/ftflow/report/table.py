@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+from ..specs import StageSpec
 from .collect import Run
 from .formatting import finite, format_value
 from .settings import column_order, experiment_settings, short_names
@@ -138,12 +139,16 @@ class Table:
 
 
 def stages_text(run: Run) -> str:
+    """`lora`, or `pt:lora > sft:full` per stage; a stage on a mixture names it: `sft:lora[general-zh 0.2 + my-sft]`."""
     stages = run.spec.stages
     if not stages:
         return "untuned"
-    if len(stages) == 1:
-        return stages[0].method
-    return " > ".join(f"{stage.name}:{stage.method}" for stage in stages)
+
+    def text(stage: StageSpec) -> str:
+        mixture = f"[{stage.data_text}]" if stage.is_mixture else ""
+        return (stage.method if len(stages) == 1 else f"{stage.name}:{stage.method}") + mixture
+
+    return " > ".join(text(stage) for stage in stages)
 
 
 def data_loss_text(warnings: list[dict]) -> str:
@@ -307,7 +312,12 @@ def table_columns(primaries: list[str], metric_names: list[str], varied: list[Se
         *[score_column(p) for p in primaries],
         *[Column(f"delta_{p}", f"Δ {p}", "delta", f"{p} minus the untuned baseline's") for p in primaries],
         *([losses["eval_loss"]] if "eval_loss" not in primaries else []),
-        Column("stages", "stages", "text", "method, or stage:method per stage"),
+        Column(
+            "stages",
+            "stages",
+            "text",
+            "method, or stage:method per stage; [a 0.2 + b]: a mixture, concatenated by weight ([a | b]: interleaved)",
+        ),
         *[Column(s.key, s.short, "setting", s.key) for s in varied],
         *COST_COLUMNS,
         *[c for c in LOSS_COLUMNS if c.key not in primaries and c.key != "eval_loss"],
