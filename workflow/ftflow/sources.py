@@ -266,17 +266,18 @@ def peek_columns(path: str, limit: int = PEEK_ROWS, split: str | None = None) ->
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
             header = next(csv.reader(handle), [])
         return [set(header)], "row"
-    peeked = peek_rows(path, limit)
+    peeked = peek_rows(path, limit, split)
     if peeked is None:
         return None
     return [set(values) for values in peeked[0]], peeked[1]
 
 
-def peek_rows(path: str, limit: int = PEEK_ROWS) -> tuple[list[dict], str] | None:
+def peek_rows(path: str, limit: int = PEEK_ROWS, split: str | None = None) -> tuple[list[dict], str] | None:
     """The first rows of a local file, cheaply: ([values of row 1, ...], row label).
 
     None for .txt files and when the file cannot be peeked at cheaply (a large .json
-    array). Rows that cannot be read are skipped: tokenization reports them.
+    array). Rows that cannot be read are skipped: tokenization reports them. `split`
+    picks the rows of a .json object holding one array per split (`json_rows`).
     """
     ext = _extension(path)
     if ext == ".txt":

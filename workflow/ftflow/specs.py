@@ -65,7 +65,7 @@ class DatasetSpec:
     prompt: str | None  # instruction: explicit prompt template
     completion: str | None  # instruction: explicit completion template
     text_column: str  # text kind: column holding the raw text
-    messages_column: str  # chat kind: column holding the message list
+    messages_column: str | None  # chat kind: column holding the conversation (None: the format's own)
     loss_on: str | None  # completion | assistant | all (default by kind)
     chat_template: str | None  # override the tokenizer's chat template
     max_length: int  # tokens per example (text: block size)
@@ -73,6 +73,11 @@ class DatasetSpec:
     splits: dict | None  # {validation: n|fraction, test: n|fraction, seed: int}
     metrics: tuple  # task metrics computed on generated outputs
     primary_metric: str | None  # metric that picks the best row of the report
+    format: str  # chat kind: openai | sharegpt | alpaca (formats.py)
+    columns: dict | None  # the format's columns other than the conversation's, resolved
+    tags: dict | None  # sharegpt: the turn keys and role names, resolved; None for other formats
+    roles_to_train: list  # roles whose turns carry labels, in the schema's order
+    mask_history: bool  # label only the last trainable turn
 
 
 @dataclass(frozen=True)

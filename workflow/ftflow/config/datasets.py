@@ -15,7 +15,7 @@ import hashlib
 import inspect
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ..atomic import write_if_changed
 from ..encoding import (
@@ -66,26 +66,11 @@ SOURCE_ONLY_KEYS = {
 PEEK_FILES = 3  # files of a glob whose first rows are checked at config time
 
 
-@dataclass(frozen=True)
-class FormattedDatasetSpec(DatasetSpec):
-    """A dataset with its chat format settings (kind chat; schema defaults for the other kinds).
-
-    These fields belong in specs.DatasetSpec; they are kept here, in a subclass that every
-    user of DatasetSpec accepts, until specs.py (changed elsewhere at the same time) takes them.
-    """
-
-    format: str  # openai | sharegpt | alpaca
-    columns: dict | None  # the format's columns but the conversation's (messages_column), resolved
-    tags: dict | None  # sharegpt: the turn keys and role names, resolved; None for other formats
-    roles_to_train: list  # roles whose turns carry labels, in the schema's order
-    mask_history: bool  # label only the last trainable turn
-
-
-def resolve_dataset(name: str, raw: dict) -> FormattedDatasetSpec:
+def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
     """A dataset with the schema's defaults filled in; kind, metric and truncation names the schema has checked."""
     path = f"datasets.{name}"
     check_name(path, name, "dataset")
-    check_keys(path, raw, FormattedDatasetSpec.__dataclass_fields__.keys() - {"name"})
+    check_keys(path, raw, DatasetSpec.__dataclass_fields__.keys() - {"name"})
     if "source" not in raw:
         raise ConfigError(
             f"{path}.source", "missing", "a path or glob, 'hub:<id>', 'modelscope:<id>' or 'generator:<name>'"
@@ -112,7 +97,7 @@ def resolve_dataset(name: str, raw: dict) -> FormattedDatasetSpec:
     if kind == "chat":
         resolve_chat_format(path, values)
     _check_splits(path, values)
-    return FormattedDatasetSpec(name=name, **values)
+    return DatasetSpec(name=name, **values)
 
 
 def resolve_chat_format(path: str, values: dict) -> None:
@@ -356,7 +341,7 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
         except FtflowError as err:  # a .json file of a shape ftflow does not read
             raise ConfigError(path, str(err).replace(f"{file}:", f"{os.path.relpath(file, workdir)}:", 1)) from None
         if dataset.kind == "chat":
-            _check_chat_rows(dataset, dataset_path, file, workdir)
+            _check_chat_rows(dataset, dataset_path, file, workdir, split)
         if peeked is None or not peeked[0]:
             continue  # unreadable or too large to peek at: tokenization reports it per row
         rows, unit = peeked
@@ -372,10 +357,10 @@ def _check_local_columns(dataset: DatasetSpec, path: str, files: list[str], work
                 )
 
 
-def _check_chat_rows(dataset: FormattedDatasetSpec, path: str, file: str, workdir: str) -> None:
+def _check_chat_rows(dataset: DatasetSpec, path: str, file: str, workdir: str, split: str | None) -> None:
     """A file whose first rows are in another chat format than the one set, or that carry tools
     a chat template given in the config cannot render, is a config error naming what to set."""
-    peeked = peek_rows(file)
+    peeked = peek_rows(file, split=split)
     if not peeked or not peeked[0]:
         return
     rows, unit = peeked

@@ -148,7 +148,8 @@ def read_run(layout: Layout, name: str) -> Run | None:
 def data_warnings(layout: Layout, spec: ExperimentSpec) -> list[dict]:
     """The warnings tokenization wrote for the experiment's data, training and eval, each with its dataset."""
     warnings = []
-    data = {stage.data_id: stage.dataset for stage in spec.stages} | {spec.eval.data_id: spec.eval.dataset}
+    data = {data_id: name for stage in spec.stages for data_id, name in zip(stage.data_ids, stage.datasets)}
+    data[spec.eval.data_id] = spec.eval.dataset
     for data_id, dataset in data.items():
         try:
             found = read_json(layout.data_stats(data_id)).get("warnings") or []
