@@ -12,7 +12,8 @@ import string
 
 # Bump when a change here changes the tokens written for the same spec: it is
 # part of every data_id, so cached tokenizations are redone.
-TOKENIZATION_VERSION = 2
+# 3: chat rows in more shapes are kept (text parts, tool calls, tools), .txt files split by line.
+TOKENIZATION_VERSION = 3
 # The label of a position the loss must not look at (prompts, pads, packing seams):
 # the ignore_index of torch's cross entropy, which the transformers collators use too.
 IGNORE = -100

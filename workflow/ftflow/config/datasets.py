@@ -33,6 +33,7 @@ from ..hashing import content_hash
 from ..sources import LOCAL_EXTENSIONS, SPLITS, check_split_settings, cut_splits, local_files, peek_columns, peek_rows
 from ..specs import DatasetSpec
 from .checks import check_choice, check_keys, check_name, did_you_mean
+from .llamafactory import is_registry_source, registry_settings
 from .schema import (
     DATASET_DEFAULTS,
     FORMAT_COLUMNS,
@@ -66,7 +67,7 @@ SOURCE_ONLY_KEYS = {
 PEEK_FILES = 3  # files of a glob whose first rows are checked at config time
 
 
-def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
+def resolve_dataset(name: str, raw: dict, workdir: str = ".") -> DatasetSpec:
     """A dataset with the schema's defaults filled in; kind, metric and truncation names the schema has checked."""
     path = f"datasets.{name}"
     check_name(path, name, "dataset")
@@ -75,6 +76,8 @@ def resolve_dataset(name: str, raw: dict) -> DatasetSpec:
         raise ConfigError(
             f"{path}.source", "missing", "a path or glob, 'hub:<id>', 'modelscope:<id>' or 'generator:<name>'"
         )
+    if is_registry_source(raw["source"]):
+        raw = registry_settings(path, raw, workdir)
     values = {**copy.deepcopy(DATASET_DEFAULTS), **raw}
     kind = values["kind"]
     if kind == "instruction" and not (values["template"] or (values["prompt"] and values["completion"])):

@@ -171,7 +171,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     smoke_on = bool(raw.get("smoke", False))
     smoke = deep_merge(SMOKE_DEFAULTS, raw.get("smoke_options") or {}) if smoke_on else None
     models = {name: resolve_model(name, spec or {}) for name, spec in (raw.get("models") or {}).items()}
-    datasets = {name: resolve_dataset(name, spec or {}) for name, spec in (raw.get("datasets") or {}).items()}
+    datasets = {name: resolve_dataset(name, spec or {}, workdir) for name, spec in (raw.get("datasets") or {}).items()}
     defaults = raw.get("defaults") or {}
     check_keys("defaults", defaults, DEFAULT_KEYS)
     layout = Layout(results)
