@@ -22,6 +22,14 @@ def embedded_tokenizer():
     return load()
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(embedded_tokenizer, tmp_path_factory) -> Path:
+    """The embedded tokenizer saved as a folder: the model_dir of tokenize jobs that need no weights."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    embedded_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

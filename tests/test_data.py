@@ -22,13 +22,6 @@ POEM = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(embedded_tokenizer, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    embedded_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def labelled_text(tokenizer, record) -> str:
     return tokenizer.decode([t for t, label in zip(record["input_ids"], record["labels"]) if label != IGNORE])
 

@@ -448,13 +448,6 @@ def test_data_id_is_unchanged_by_format_keys_at_their_defaults(tmp_path):
 # --------------------------------------------------------------------------- the tokenize job
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(embedded_tokenizer, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    embedded_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def run_tokenize(tmp_path: Path, tokenizer_dir: Path, rows: list, **dataset) -> dict:
     jsonl(tmp_path / "rows.jsonl", rows)
     resolved = resolve_dataset("d", {"source": "rows.jsonl", "splits": {"validation": 0, "test": 0}, **dataset})

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-from test_formats import ALPACA_ROWS, QWEN, SHAREGPT_TOOL_ROW, jsonl, tokenizer_dir  # noqa: F401  (fixture)
 
 from ftflow.config.datasets import resolve_dataset, tokenization_settings
 from ftflow.data import tokenize
 from ftflow.errors import ConfigError
+from test_formats import ALPACA_ROWS, QWEN, SHAREGPT_TOOL_ROW, jsonl
 
 REGISTRY = {
     "alpaca_demo": {"file_name": "alpaca_demo.jsonl"},
@@ -98,7 +98,7 @@ def test_what_ftflow_does_not_train_is_a_config_error(registry, name, expected):
     assert "\n" not in str(info.value)
 
 
-def run_tokenize(workdir: Path, tokenizer_dir: Path, dataset: dict) -> dict:  # noqa: F811
+def run_tokenize(workdir: Path, tokenizer_dir: Path, dataset: dict) -> dict:
     resolved = resolve_dataset("d", {"splits": {"validation": 0, "test": 0}, **dataset}, str(workdir))
     spec = {
         **tokenization_settings(resolved, str(workdir)),
@@ -113,7 +113,7 @@ def run_tokenize(workdir: Path, tokenizer_dir: Path, dataset: dict) -> dict:  # 
     return tokenize(str(workdir / "spec.json"), str(out), workdir=str(workdir))["splits"]["train"]
 
 
-def test_registry_files_tokenize_like_the_same_format_given_directly(registry, tokenizer_dir):  # noqa: F811
+def test_registry_files_tokenize_like_the_same_format_given_directly(registry, tokenizer_dir):
     source = "llamafactory:data/dataset_info.json#"
     via_registry = run_tokenize(registry, tokenizer_dir, {"source": source + "alpaca_demo"})
     direct = run_tokenize(registry, tokenizer_dir, {"source": "data/alpaca_demo.jsonl", "format": "alpaca"})
