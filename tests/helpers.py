@@ -7,6 +7,7 @@ imported by name (`from helpers import snakemake`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -152,6 +153,27 @@ class Workspace:
         out = self.stage_dir(experiment, stage) / "merged"
         merge_stage(str(self.stage_dir(experiment, stage) / "train_metrics.json"), str(base or self.base), str(out))
         return out
+
+
+def tokenize_dataset(
+    workdir: Path, tokenizer_dir: Path, dataset: dict, max_length: int = 512, out: str = "out"
+) -> dict:
+    """Resolve one dataset as the planner does and run the tokenize job on it in this process;
+    the train split's stats. Paths in `dataset` are relative to `workdir`."""
+    from ftflow.config.datasets import resolve_dataset, tokenization_settings
+    from ftflow.data import tokenize
+
+    resolved = resolve_dataset("d", {"splits": {"validation": 0, "test": 0}, **dataset}, str(workdir))
+    spec = {
+        **tokenization_settings(resolved, str(workdir)),
+        "data_id": "d-test",
+        "dataset": "d",
+        "max_length": max_length,
+        "row_caps": None,
+        "model_dir": str(tokenizer_dir),
+    }
+    (workdir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    return tokenize(str(workdir / "spec.json"), str(workdir / out), workdir=str(workdir))["splits"]["train"]
 
 
 # --------------------------------------------------------------------------- tiny models

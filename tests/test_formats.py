@@ -12,9 +12,10 @@ import pytest
 
 from ftflow.config import build_plan
 from ftflow.config.datasets import resolve_dataset, tokenization_settings
-from ftflow.data import IGNORE, Encoder, RowError, tokenize
+from ftflow.data import IGNORE, Encoder, RowError
 from ftflow.errors import ConfigError, FtflowError
 from ftflow.sources import SourceRow
+from helpers import tokenize_dataset
 
 # Renders tools and tool calls as Qwen2.5's template does: each tool schema as a JSON line
 # inside <tools></tools> in the system turn; each call as {"name", "arguments"} JSON inside
@@ -450,17 +451,7 @@ def test_data_id_is_unchanged_by_format_keys_at_their_defaults(tmp_path):
 
 def run_tokenize(tmp_path: Path, tokenizer_dir: Path, rows: list, **dataset) -> dict:
     jsonl(tmp_path / "rows.jsonl", rows)
-    resolved = resolve_dataset("d", {"source": "rows.jsonl", "splits": {"validation": 0, "test": 0}, **dataset})
-    spec = {
-        **tokenization_settings(resolved, str(tmp_path)),
-        "data_id": "d-test",
-        "dataset": "d",
-        "max_length": 512,
-        "row_caps": None,
-        "model_dir": str(tokenizer_dir),
-    }
-    (tmp_path / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    return tokenize(str(tmp_path / "spec.json"), str(tmp_path / "out"), workdir=str(tmp_path))["splits"]["train"]
+    return tokenize_dataset(tmp_path, tokenizer_dir, {"source": "rows.jsonl", **dataset})
 
 
 def test_rows_kept_and_dropped_per_format(embedded_tokenizer, tokenizer_dir, tmp_path):

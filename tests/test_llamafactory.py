@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ftflow.config.datasets import resolve_dataset, tokenization_settings
-from ftflow.data import tokenize
+from ftflow.config.datasets import resolve_dataset
 from ftflow.errors import ConfigError
+from helpers import tokenize_dataset
 from test_formats import ALPACA_ROWS, QWEN, SHAREGPT_TOOL_ROW, jsonl
 
 REGISTRY = {
@@ -99,18 +99,7 @@ def test_what_ftflow_does_not_train_is_a_config_error(registry, name, expected):
 
 
 def run_tokenize(workdir: Path, tokenizer_dir: Path, dataset: dict) -> dict:
-    resolved = resolve_dataset("d", {"splits": {"validation": 0, "test": 0}, **dataset}, str(workdir))
-    spec = {
-        **tokenization_settings(resolved, str(workdir)),
-        "data_id": "d-test",
-        "dataset": "d",
-        "max_length": 512,
-        "row_caps": None,
-        "model_dir": str(tokenizer_dir),
-    }
-    (workdir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    out = workdir / f"out-{len(list(workdir.glob('out-*')))}"
-    return tokenize(str(workdir / "spec.json"), str(out), workdir=str(workdir))["splits"]["train"]
+    return tokenize_dataset(workdir, tokenizer_dir, dataset, out=f"out-{len(list(workdir.glob('out-*')))}")
 
 
 def test_registry_files_tokenize_like_the_same_format_given_directly(registry, tokenizer_dir):
