@@ -114,7 +114,8 @@ class DataJobs:
         self.workdir = workdir
         self.hashes = hashes
         self.jobs: dict[str, DataSpec] = {}
-        self._fingerprints: dict[str, str] = {}
+        self._dataset_settings: dict[str, dict] = {}
+        self._chat_templates: dict[str, str | None] = {}
         self.smoke = smoke is not None
         self.row_caps = (
             {"train": smoke["train_rows"], "validation": smoke["eval_rows"], "test": smoke["eval_rows"]}
@@ -122,27 +123,34 @@ class DataJobs:
             else None
         )
 
-    def fingerprint(self, dataset: DatasetSpec) -> str:
-        """The source's content hash, computed once per dataset (it may hash large files)."""
-        if dataset.name not in self._fingerprints:
-            self._fingerprints[dataset.name] = source_fingerprint(dataset, self.workdir, self.hashes)
-        return self._fingerprints[dataset.name]
+    def dataset_settings(self, dataset: DatasetSpec) -> dict:
+        """What of the dataset changes its tokens, with its source's content hash: computed once
+        per dataset (it globs and may hash large files), however many stages ask."""
+        if dataset.name not in self._dataset_settings:
+            self._dataset_settings[dataset.name] = {
+                **tokenization_settings(dataset, self.workdir),
+                "fingerprint": source_fingerprint(dataset, self.workdir, self.hashes),
+            }
+        return self._dataset_settings[dataset.name]
+
+    def model_chat_template(self, model: str) -> str | None:
+        """A model's chat template text, read once per model (and only for chat data)."""
+        if model not in self._chat_templates:
+            spec = self.models[model]
+            self._chat_templates[model] = template_text(
+                spec.chat_template, self.workdir, f"models.{model}.chat_template"
+            )
+        return self._chat_templates[model]
 
     def data_id(self, dataset: DatasetSpec, model: str, max_length: int) -> str:
-        model_spec = self.models[model]
-        tokenizer_source = "smoke-tokenizer" if self.smoke else model_spec.source_text()
+        tokenizer_source = "smoke-tokenizer" if self.smoke else self.models[model].source_text()
         settings = {
-            **tokenization_settings(dataset, self.workdir),
-            "fingerprint": self.fingerprint(dataset),
+            **self.dataset_settings(dataset),
             "max_length": max_length,
             "row_caps": self.row_caps,
             "tokenizer": tokenizer_source,
             # only chat rows are rendered with the model's chat template
-            "model_chat_template": template_text(
-                model_spec.chat_template, self.workdir, f"models.{model}.chat_template"
-            )
-            if dataset.kind == "chat"
-            else None,
+            "model_chat_template": self.model_chat_template(model) if dataset.kind == "chat" else None,
         }
         # The name prefix keeps results/data/ readable; the hash covers exactly the settings.
         data_id = f"{dataset.name}-{content_hash(settings, 12)}"
