@@ -32,6 +32,7 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/search.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -148,8 +148,33 @@ def cmd_report(args) -> int:
         with open(args.experiments_file, encoding="utf-8") as handle:
             experiments = json.load(handle)
     results = args.results or os.path.dirname(os.path.abspath(args.out))
-    result = write_report(results, args.logs, experiments, args.out, title=args.title)
+    result = write_report(results, args.logs, experiments, args.out, title=args.title, searches=args.searches)
     logging.info("report: %d rows, best %s by %s", result["rows"], result["best"], result["primary"])
+    return 0
+
+
+def cmd_search_plan(args) -> int:
+    from .search import plan_round
+
+    doc = plan_round(args.spec, args.previous, args.out)
+    logging.info("search %s round %d: %d trials (%s)", doc["search"], doc["round"], len(doc["trials"]), doc["kind"])
+    return 0
+
+
+def cmd_search_tell(args) -> int:
+    from .search import tell_round
+
+    doc = tell_round(args.spec, args.trials, args.experiments, args.results, args.previous, args.out)
+    states = [t["state"] for t in doc["trials"]]
+    logging.info("search %s round %d: %s", doc["search"], doc["round"], {s: states.count(s) for s in set(states)})
+    return 0
+
+
+def cmd_search_best(args) -> int:
+    from .search import finish_search
+
+    summary = finish_search(args.spec, args.rounds, args.best, args.study)
+    logging.info("search %s: best %s", summary["search"], summary["best"])
     return 0
 
 
@@ -242,6 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("search-plan", help="choose a search round's trials (Optuna ask)")
+    p.add_argument("--spec", required=True, help="the round's round-{k}.spec.json")
+    p.add_argument("--previous", nargs="*", default=[], help="round-{j}.json of every earlier round, in order")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_search_plan)
+
+    p = sub.add_parser("search-tell", help="record a search round's results (state and value per trial)")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--trials", required=True, help="the round's round-{k}.trials.json")
+    p.add_argument("--experiments", nargs="+", required=True, help="the experiment running each trial, in order")
+    p.add_argument("--previous", nargs="*", default=[])
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_search_tell)
+
+    p = sub.add_parser("search-best", help="a finished search's best.json and Optuna study.db")
+    p.add_argument("--spec", required=True, help="the last round's round-{k}.spec.json")
+    p.add_argument("--rounds", nargs="+", required=True)
+    p.add_argument("--best", required=True)
+    p.add_argument("--study", required=True)
+    p.set_defaults(func=cmd_search_best)
+
     p = sub.add_parser("report", help="write the comparison table and plots")
     p.add_argument("--results", help="results folder (default: the parent of --out)")
     p.add_argument("--logs", default="logs")
@@ -249,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", nargs="*", default=[])
     p.add_argument("--experiments-file", help="JSON list of experiment names")
     p.add_argument("--title", default="ftflow report")
+    p.add_argument("--searches", nargs="*", default=[], help="searches whose trials and rounds to report")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

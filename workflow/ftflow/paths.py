@@ -118,6 +118,34 @@ class Layout:
         """The experiment names the report covers (rewritten only when they change)."""
         return f"{self.report_dir()}/experiments.json"
 
+    # ------------------------------------------------------------------ searches
+
+    def search_dir(self, search: str) -> str:
+        return f"{self.results}/search/{search}"
+
+    def search_round_spec(self, search: str, k) -> str:
+        """round-{k}.spec.json: what planning round k reads (written by the planner when it changes)."""
+        return f"{self.search_dir(search)}/round-{k}.spec.json"
+
+    def search_round_trials(self, search: str, k) -> str:
+        """round-{k}.trials.json: the trials the round's planning job chose (a Snakemake checkpoint)."""
+        return f"{self.search_dir(search)}/round-{k}.trials.json"
+
+    def search_round(self, search: str, k) -> str:
+        """round-{k}.json: the round's trials with their state and value, once all of them ran."""
+        return f"{self.search_dir(search)}/round-{k}.json"
+
+    def search_best(self, search: str) -> str:
+        return f"{self.search_dir(search)}/best.json"
+
+    def search_study(self, search: str) -> str:
+        """The search's Optuna study (SQLite storage), rebuilt from the round files."""
+        return f"{self.search_dir(search)}/study.db"
+
+    def search_log(self, search: str, step: str) -> str:
+        """logs/search/{search}/{step}.log: round-{k}-plan, round-{k}-tell, best."""
+        return f"{self.logs}/search/{search}/{step}.log"
+
     # ------------------------------------------------------------------ logs and benchmarks
 
     def model_log(self, model_name: str) -> str:

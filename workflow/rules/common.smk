@@ -51,10 +51,13 @@ def one_of(names):
 
 
 wildcard_constraints:
-    experiment=one_of(EXPERIMENTS),
+    # a search's trials join EXPERIMENTS (and may add data_ids) as its rounds are planned
+    experiment=one_of(EXPERIMENTS) + PLAN.trial_name_pattern(),
     stage=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     model=one_of(PLAN.model_dir_name(m) for m in PLAN.models),
-    data_id=one_of(PLAN.data),
+    data_id=one_of(PLAN.data) + PLAN.trial_data_pattern(),
+    search=one_of(PLAN.searches),
+    round=r"\d+",
 
 
 def get_model_dir(model):
@@ -129,11 +132,43 @@ def get_eval_gpus(wildcards):
     return min(1, max(declared)) if declared else DEFAULT_GPUS
 
 
+def get_earlier_rounds(wildcards):
+    """round-{j}.json of every round of the search before this one, in order."""
+    return [
+        LAYOUT.search_round(wildcards.search, j) for j in range(int(wildcards.round))
+    ]
+
+
+def get_round_experiments(wildcards):
+    """The experiments that run a search round's trials, once its checkpoint has planned them."""
+    planned = checkpoints.search_plan.get(
+        search=wildcards.search, round=wildcards.round
+    )
+    return PLAN.add_round_trials(planned.output.trials)
+
+
+def get_round_results(wildcards):
+    return [LAYOUT.eval_metrics(name) for name in get_round_experiments(wildcards)]
+
+
+def get_search_rounds(wildcards):
+    rounds = PLAN.searches[wildcards.search].rounds
+    return [LAYOUT.search_round(wildcards.search, k) for k in range(len(rounds))]
+
+
+def get_last_round_spec(wildcards):
+    rounds = PLAN.searches[wildcards.search].rounds
+    return LAYOUT.search_round_spec(wildcards.search, len(rounds) - 1)
+
+
 def get_report_inputs(wildcards=None):
     paths = []
     for exp in EXPERIMENTS.values():
+        if PLAN.trials and exp.name in PLAN.trials.experiment_of:
+            continue  # a search's trials reach the report through its best.json
         paths.append(LAYOUT.eval_metrics(exp.name))
         paths.extend(LAYOUT.train_metrics(exp.name, s.name) for s in exp.stages)
+    paths.extend(LAYOUT.search_best(name) for name in PLAN.searches)
     return paths
 
 

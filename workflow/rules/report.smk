@@ -34,9 +34,11 @@ rule report:
         out=lambda w, output: os.path.dirname(output.csv),
         logs=LOGS,
         title=PLAN.report["title"],
+        searches=" ".join(PLAN.searches),
     shell:
         "ftflow report --out {params.out} --logs {params.logs}"
-        " --experiments-file {input.experiments} --title {params.title:q} > {log} 2>&1"
+        " --experiments-file {input.experiments} --title {params.title:q}"
+        " --searches {params.searches} > {log} 2>&1"
 
 
 onerror:
@@ -47,8 +49,9 @@ onerror:
     partial_experiments = LAYOUT.experiments_file()
     partial_log = LAYOUT.partial_report_log()
     partial_title = PLAN.report["title"] + " (partial: some jobs failed)"
+    partial_searches = " ".join(PLAN.searches)
     shell(
         "mkdir -p {LOGS} && ftflow report --results {RESULTS} --logs {LOGS}"
         " --out {partial_out:q} --experiments-file {partial_experiments:q}"
-        " --title {partial_title:q} > {partial_log:q} 2>&1 || true"
+        " --title {partial_title:q} --searches {partial_searches} > {partial_log:q} 2>&1 || true"
     )

@@ -9,6 +9,8 @@ untuned baselines. Nothing here imports torch or transformers, so planning a
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from .schema import (
     check_against_schema,
     primary_metric_choices,
 )
+from .searches import SearchSpec, SearchTrials, check_searches, trial_name_pattern
 from .sections import check_positive_ints, check_section
 from .stages import check_adalora_schedule, check_adapter_continuation, merge_layers, raw_stages, resolve_stage
 from .sweeps import expand_sweeps
@@ -49,9 +52,42 @@ class Plan:
     smoke: bool
     layout: Layout
     report: dict = field(default_factory=dict)  # the report section, schema defaults filled in
+    searches: dict[str, SearchSpec] = field(default_factory=dict)
+    trials: SearchTrials | None = field(default=None, repr=False)  # the searches' trials, as planned so far
 
     def model_dir_name(self, model: str) -> str:
         return Layout.model_name(model, self.smoke)
+
+    def add_round_trials(self, trials_file: str) -> list[str]:
+        """The experiments that run a planned search round's trials (see config.searches)."""
+        with open(trials_file, encoding="utf-8") as handle:
+            return self.trials.add(json.load(handle))
+
+    def trial_name_pattern(self) -> str:
+        """`|` and a regular expression of the searches' trial names, or '' (for wildcard constraints)."""
+        return "|" + trial_name_pattern(self.searches) if self.searches else ""
+
+    def trial_data_pattern(self) -> str:
+        """`|` and a regular expression of the data_ids a trial can add (a max_length never planned), or ''."""
+        if not self.searches:
+            return ""
+        return "|" + "|".join(f"{re.escape(name)}-[0-9a-f]{{12}}" for name in self.datasets)
+
+    def write_experiment_specs(self, experiments: list[ExperimentSpec]) -> list[str]:
+        """config.json of these experiments and the spec of each tokenization they use, where changed."""
+        specs: list[tuple[str, Any]] = [(self.layout.experiment_config(exp.name), exp.to_json()) for exp in experiments]
+        data_ids = {d for exp in experiments for s in exp.stages for d in s.data_ids} | {
+            e.eval.data_id for e in experiments
+        }
+        specs.extend(self._data_spec(data_id) for data_id in sorted(data_ids))
+        return [path for path, spec in specs if write_if_changed(path, spec)]
+
+    def _data_spec(self, data_id: str) -> tuple[str, dict]:
+        data = self.data[data_id]
+        # Only what changes the tokens: editing a dataset's metrics rewrites no spec, re-runs no tokenize job.
+        spec = {**data.settings, "data_id": data_id, "dataset": data.dataset.name, "model": data.model}
+        spec["model_dir"] = self.layout.model_dir(self.model_dir_name(data.model))
+        return self.layout.data_spec(data_id), spec
 
     def write_specs(self) -> list[str]:
         """Write config.json per experiment and spec files per model and data job.
@@ -66,13 +102,15 @@ class Plan:
         for name, model in self.models.items():
             spec = {"model": asdict(model), "smoke": self.smoke, "format_version": FORMAT_VERSION}
             specs.append((self.layout.model_spec(self.model_dir_name(name)), spec))
-        for data_id, data in self.data.items():
-            # Only what changes the tokens: editing a dataset's metrics rewrites no spec, re-runs no tokenize job.
-            spec = {**data.settings, "data_id": data_id, "dataset": data.dataset.name, "model": data.model}
-            spec["model_dir"] = self.layout.model_dir(self.model_dir_name(data.model))
-            specs.append((self.layout.data_spec(data_id), spec))
+        specs.extend(self._data_spec(data_id) for data_id in self.data)
+        for search in self.searches.values():
+            specs.extend(
+                (self.layout.search_round_spec(search.name, k), search.round_spec(k)) for k in range(len(search.rounds))
+            )
         # The experiments the report covers: a new or removed experiment re-runs the report.
-        specs.append((self.layout.experiments_file(), sorted(self.experiments)))
+        # (A search's trials come and go with its rounds; the report finds them through results/search/.)
+        trials = self.trials.experiment_of if self.trials else {}
+        specs.append((self.layout.experiments_file(), sorted(e for e in self.experiments if e not in trials)))
         return [path for path, spec in specs if write_if_changed(path, spec)]
 
     def summary(self) -> list[dict]:
@@ -191,10 +229,15 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     if not experiments:
         raise ConfigError("experiments", "no experiments defined")
     report = deep_merge(REPORT_DEFAULTS, raw.get("report") or {})
+
+    def resolve_trial(name: str, exp: dict) -> ExperimentSpec:
+        return resolve_experiment(name, exp, defaults, models, datasets, data, smoke)
+
+    searches = _check_searches_quietly(raw, experiments, data, resolve_trial)
     if report["baseline"]:
         add_baselines(experiments)
     hashes.save()
-    return Plan(
+    plan = Plan(
         models=models,
         datasets=datasets,
         experiments=experiments,
@@ -202,7 +245,23 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
         smoke=smoke_on,
         layout=layout,
         report=report,
+        searches=searches,
     )
+    if searches:
+        plan.trials = SearchTrials(plan, resolve_trial)
+        plan.trials.add_rounds_on_disk()
+    return plan
+
+
+def _check_searches_quietly(raw, experiments, data, resolve_trial) -> dict:
+    """check_searches, leaving no tokenization job behind for the probes it resolves."""
+    if not raw.get("searches"):
+        return {}
+    before = set(data.jobs)
+    searches = check_searches(raw, experiments, resolve_trial)
+    for data_id in set(data.jobs) - before:
+        del data.jobs[data_id]
+    return searches
 
 
 def resolve_model(name: str, raw: Any) -> ModelSpec:

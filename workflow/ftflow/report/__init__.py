@@ -16,7 +16,7 @@ plots/*.png. One row per experiment and per untuned baseline:
 
 The modules, in the order the data flows: collect (runs from disk), settings
 (which settings a run has), table (typed rows, ranked), formatting (how
-numbers read), writers (csv, markdown, HTML) and plots (matplotlib).
+numbers read), writers (csv, markdown, HTML) and plots (matplotlib); searches adds a section per search.
 
 The Snakefile's `onerror` handler writes the same report to report/partial/
 when jobs fail, so failed experiments show beside the ones that finished.
@@ -24,6 +24,7 @@ when jobs fail, so failed experiments show beside the ones that finished.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 
@@ -32,6 +33,9 @@ from ..errors import FtflowError
 from ..paths import Layout
 from .collect import collect_runs
 from .plots import make_plots
+from .searches import collect_searches, plot_search
+from .searches import to_html as search_html
+from .searches import to_markdown as search_markdown
 from .table import build_table
 from .writers import to_csv, to_html, to_markdown
 
@@ -39,22 +43,35 @@ from .writers import to_csv, to_html, to_markdown
 PARTIAL_DIR = "partial"
 
 
-def write_report(results: str, logs: str, experiments: list[str], out_dir: str, title: str = "ftflow report") -> dict:
-    """Write the report of `experiments` to `out_dir`; a summary for the log: rows, best runs, primary metrics, plots."""
+def write_report(
+    results: str, logs: str, experiments: list[str], out_dir: str, title: str = "ftflow report", searches=()
+) -> dict:
+    """Write the report of `experiments` and `searches` (their trials are rows too) to `out_dir`;
+    a summary for the log: rows, best runs, primary metrics, plots."""
     layout = Layout(results, logs)
-    runs = collect_runs(layout, experiments)
+    found = collect_searches(layout, list(searches))
+    trials = [name for result in found for name in result.experiments if name not in experiments]
+    runs = collect_runs(layout, [*experiments, *dict.fromkeys(trials)])
     if not runs:
         raise FtflowError(f"no experiment of {', '.join(experiments) or '(none)'} has a config.json under {results}")
     table = build_table(runs)
     os.makedirs(out_dir, exist_ok=True)
     with atomic_dir(os.path.join(out_dir, "plots")) as tmp:
         plots = make_plots(runs, table, layout, tmp)
-    write_text(os.path.join(out_dir, "report.md"), to_markdown(table, plots, title))
+        search_plots = {result.name: plot_search(result, tmp) for result in found}
+    markdown = to_markdown(table, plots, title) + ("\n" + search_markdown(found, search_plots) if found else "")
+    write_text(os.path.join(out_dir, "report.md"), markdown)
     images = {}
-    for name in plots:
+    for name in [*plots, *search_plots.values()]:
         with open(os.path.join(out_dir, "plots", name), "rb") as handle:
             images[name] = handle.read()
-    write_text(os.path.join(out_dir, "report.html"), to_html(table, images, title))
+    search_images = {
+        s: "data:image/png;base64," + base64.b64encode(images[p]).decode() for s, p in search_plots.items()
+    }
+    page = to_html(table, {name: images[name] for name in plots}, title)
+    if found:  # each search's section goes before the plots
+        page = page.replace("<h2>Plots</h2>", search_html(found, search_images) + "\n<h2>Plots</h2>", 1)
+    write_text(os.path.join(out_dir, "report.html"), page)
     # summary.csv last: it marks the step complete
     write_text(os.path.join(out_dir, "summary.csv"), to_csv(table))
     # a full report supersedes the partial one an earlier failed run left beside it
@@ -64,4 +81,5 @@ def write_report(results: str, logs: str, experiments: list[str], out_dir: str, 
         "best": [name for group in table.groups for name in group.best],
         "primary": [group.primary for group in table.groups],
         "plots": plots,
+        "searches": [result.name for result in found],
     }
