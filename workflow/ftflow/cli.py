@@ -164,7 +164,9 @@ def cmd_search_plan(args) -> int:
 def cmd_search_tell(args) -> int:
     from .search import tell_round
 
-    doc = tell_round(args.spec, args.trials, args.experiments, args.results, args.previous, args.out)
+    # results/search/{search}/round-{k}.trials.json -> results
+    results = args.results or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(args.trials))))
+    doc = tell_round(args.spec, args.trials, args.experiments, results, args.previous, args.out)
     states = [t["state"] for t in doc["trials"]]
     logging.info("search %s round %d: %s", doc["search"], doc["round"], {s: states.count(s) for s in set(states)})
     return 0
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", required=True, help="the round's round-{k}.trials.json")
     p.add_argument("--experiments", nargs="+", required=True, help="the experiment running each trial, in order")
     p.add_argument("--previous", nargs="*", default=[])
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", help="results folder (default: the one holding --trials)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_search_tell)
 

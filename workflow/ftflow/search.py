@@ -279,14 +279,17 @@ def finish_search(spec_path: str, rounds_paths: list[str], best_out: str, study_
 
 
 def param_importances(study) -> dict[str, float] | None:
-    """Optuna's fANOVA importances of the settings, or None with too few finished trials to say."""
+    """Optuna's PED-ANOVA importances of the settings (numpy only; fANOVA would need scikit-learn),
+    or None with too few finished trials to say."""
     import optuna
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 3 or len({json.dumps(t.params, sort_keys=True) for t in complete}) < 2:
         return None
     try:
-        return {k: round(float(v), 4) for k, v in optuna.importance.get_param_importances(study).items()}
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        return {k: round(float(v), 4) for k, v in importances.items()}
     except (ValueError, RuntimeError, ImportError) as err:  # e.g. a space with a single value left
         log.warning("no importances: %s", err)
         return None

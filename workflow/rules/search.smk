@@ -36,10 +36,9 @@ rule search_tell:
         runtime=10,
     params:
         experiments=get_round_experiments,
-        results=RESULTS,
     shell:
         "ftflow search-tell --spec {input.spec} --trials {input.trials} --experiments {params.experiments}"
-        " --previous {input.previous} --results {params.results} --out {output} > {log} 2>&1"
+        " --previous {input.previous} --out {output} > {log} 2>&1"
 
 
 rule search_best:

@@ -137,7 +137,7 @@ def to_markdown(results: list[SearchResult], plots: dict[str, str]) -> str:
         out += ["", f"- {_best_line(result)}"]
         out += [f"- {line}" for line in boundary_lines(result)]
         if _importance_text(result):
-            out.append(f"- importance of the settings (Optuna fANOVA): {_importance_text(result)}")
+            out.append(f"- importance of the settings (Optuna PED-ANOVA): {_importance_text(result)}")
         header, rows = rounds_table(result)
         out += ["", "| " + " | ".join(header) + " |", "|" + "|".join("--:" for _ in header) + "|"]
         out += ["| " + " | ".join(row) + " |" for row in rows]
@@ -155,7 +155,7 @@ def to_html(results: list[SearchResult], images: dict[str, str]) -> str:
         header, rows = rounds_table(result)
         items = [_best_line(result), *boundary_lines(result)]
         if _importance_text(result):
-            items.append(f"importance of the settings (Optuna fANOVA): {_importance_text(result)}")
+            items.append(f"importance of the settings (Optuna PED-ANOVA): {_importance_text(result)}")
         out.append(f"<h2>Search {esc(result.name)}</h2>")
         out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in items) + "</ul>")
         out.append(

@@ -1,0 +1,195 @@
+"""Searches without training: the config checks, the planning of rounds (Optuna ask/tell, seeded),
+the boundary and best trial of finished rounds, and the planner's cost.
+
+The jobs' functions run for real on results files the tests write; only the
+trials' metrics are given instead of trained (tests/test_search_workflow.py
+trains them through snakemake)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+
+from ftflow.atomic import read_json, write_json
+from ftflow.config import ConfigError, build_plan
+from ftflow.paths import Layout
+from ftflow.search import finish_search, plan_round, tell_round
+from helpers import raw_config
+
+SPACE = {
+    "training.learning_rate": {"low": 5.0e-5, "high": 3.0e-3, "log": True},
+    "lora.r,lora.lora_alpha": [[8, 32], [16, 64], [32, 128]],
+    "lora.lora_dropout": [0.05, 0.1, 0.2],
+    "training.num_train_epochs": {"low": 1, "high": 5, "step": 1},
+}
+
+
+def search_config(**search) -> dict:
+    raw = copy.deepcopy(raw_config({"base": {}}))
+    raw["datasets"]["colmap"]["metrics"] = ["exact_match"]
+    raw["searches"] = {
+        "lr-rank": {
+            "base": "base",
+            "space": copy.deepcopy(SPACE),
+            "seed": 0,
+            "rounds": [{"trials": 6, "training": {"max_steps": 2}}, {"promote": 2}, {"trials": 3}],
+            **search,
+        }
+    }
+    return raw
+
+
+def config_error(raw: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_plan(raw, check_schema=True)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"space": {"training.learnin_rate": [1e-4]}}, "searches.lr-rank.space.training.learnin_rate: unknown key"),
+        ({"space": {"training.learning_rate": {"low": 1e-3, "high": 1e-4}}}, "empty range: low 0.001 is not below"),
+        ({"space": {"training.learning_rate": {"low": 1e-3, "high": 1e-3}}}, "empty range"),
+        ({"space": {"training.learning_rate": {"low": 0.0, "high": 1e-3, "log": True}}}, "log range needs low > 0"),
+        ({"space": {"lora.r": ["eight"]}}, "searches.lr-rank.space.lora.r: the base experiment 'base' cannot take it"),
+        ({"rounds": [{"trials": 2}, {"promote": 3}]}, "rounds[1].promote: promotes 3 trials but the rounds before"),
+        ({"rounds": [{"promote": 1}]}, "rounds[0].promote"),
+        ({"metric": "rougeL"}, "searches.lr-rank.metric: 'rougeL' is not a number the evaluation of 'base' reports"),
+        ({"base": "nope"}, "searches.lr-rank.base: unknown experiment 'nope'"),
+        ({"sampler": "grid"}, "the grid sampler needs a step for a float range"),
+        ({"rounds": [{"trials": 2, "training": {"max_step": 9}}]}, "rounds[0].training.max_step: unknown key"),
+    ],
+)
+def test_bad_search_is_one_config_error(change, expected):
+    raw = search_config()
+    raw["searches"]["lr-rank"].update(change)
+    assert expected in config_error(raw)
+
+
+def test_a_search_plans_no_job_before_its_rounds(tmp_path):
+    plan = build_plan(search_config(), workdir=str(tmp_path), results=str(tmp_path / "results"))
+    search = plan.searches["lr-rank"]
+    assert search.metric == "exact_match" and search.direction == "maximize"  # the base's primary metric
+    assert [d["kind"] for d in search.space] == ["float", "choice", "choice", "int"]
+    assert set(plan.experiments) == {"base"}  # trials come with the rounds; probes leave nothing
+    assert len(plan.data) == 1
+    plan.write_specs()
+    assert read_json(plan.layout.search_round_spec("lr-rank", 2))["rounds"][2] == {
+        "kind": "trials",
+        "n": 3,
+        "training": {},
+    }
+    assert read_json(plan.layout.experiments_file()) == ["base"]
+
+
+def run_rounds(root, raw, values) -> list[dict]:
+    """Plan and tell every round of the search, the trials' metrics given by `values(trial)`:
+    a number, or "diverged"."""
+    plan = build_plan(raw, workdir=str(root), results=str(root / "results"))
+    plan.write_specs()
+    layout = plan.layout
+    search = plan.searches["lr-rank"]
+    done = []
+    for k in range(len(search.rounds)):
+        spec = layout.search_round_spec("lr-rank", k)
+        trials = plan_round(spec, done, layout.search_round_trials("lr-rank", k))
+        experiments = plan.add_round_trials(layout.search_round_trials("lr-rank", k))
+        for trial, experiment in zip(trials["trials"], experiments):
+            value = values(trial)
+            status = "diverged" if value == "diverged" else "ok"
+            metrics = {"status": status, "exact_match": None if status == "diverged" else value}
+            write_json(layout.eval_metrics(experiment), metrics)
+        tell_round(
+            spec,
+            layout.search_round_trials("lr-rank", k),
+            experiments,
+            str(layout.results),
+            done,
+            out := layout.search_round("lr-rank", k),
+        )
+        done.append(out)
+    return [read_json(path) for path in done]
+
+
+def lr_score(trial) -> float | str:
+    """A made-up response surface: best near lr 5e-4, diverged from 1.5e-3 up."""
+    lr = trial["settings"]["training.learning_rate"]
+    if lr >= 1.5e-3:
+        return "diverged"
+    return round(1.0 - abs(lr - 5e-4) * 1000, 6)
+
+
+def test_rounds_are_deterministic_and_promote_the_best(tmp_path):
+    first = run_rounds(tmp_path / "one", search_config(), lr_score)
+    again = run_rounds(tmp_path / "two", search_config(), lr_score)
+    names = [[t["name"] for t in doc["trials"]] for doc in first]
+    assert names == [[t["name"] for t in doc["trials"]] for doc in again]  # same config, same results: same trials
+    assert [len(n) for n in names] == [6, 2, 3]
+    assert [t["number"] for doc in first for t in doc["trials"]] == list(range(11))
+    assert all(name.startswith("lr-rank-") and len(name) == len("lr-rank-") + 8 for doc in names for name in doc)
+    screened = sorted((t for t in first[0]["trials"] if t["state"] == "complete"), key=lambda t: -t["value"])
+    promoted = first[1]["trials"]
+    assert [t["promoted_from"] for t in promoted] == [t["name"] for t in screened[:2]]
+    assert all(t["budget"] == {} and first[0]["trials"][0]["budget"] == {"max_steps": 2} for t in promoted)
+    # a diverged trial is told the worst value so far, a finished one its own
+    for doc in first:
+        values = [t["value"] for d in first[: doc["round"] + 1] for t in d["trials"] if t["state"] == "complete"]
+        for trial in doc["trials"]:
+            assert trial["told"] == (trial["value"] if trial["state"] == "complete" else min(values))
+
+
+def test_a_different_seed_or_space_makes_different_trials(tmp_path):
+    base = run_rounds(tmp_path / "a", search_config(rounds=[{"trials": 4}]), lr_score)[0]
+    seeded = run_rounds(tmp_path / "b", search_config(rounds=[{"trials": 4}], seed=1), lr_score)[0]
+    space = copy.deepcopy(SPACE)
+    space["lora.lora_dropout"] = [0.0, 0.1]
+    respaced = run_rounds(tmp_path / "c", search_config(rounds=[{"trials": 4}], space=space), lr_score)[0]
+    names = {tuple(t["name"] for t in doc["trials"]) for doc in (base, seeded, respaced)}
+    assert len(names) == 3
+
+
+def test_best_and_boundary_of_a_finished_search(tmp_path):
+    rounds = run_rounds(tmp_path, search_config(sampler="random"), lr_score)
+    layout = Layout(str(tmp_path / "results"))
+    paths = [layout.search_round("lr-rank", k) for k in range(3)]
+    best = finish_search(
+        layout.search_round_spec("lr-rank", 2), paths, layout.search_best("lr-rank"), layout.search_study("lr-rank")
+    )
+    trials = [t for doc in rounds for t in doc["trials"]]
+    diverged = [t for t in trials if t["state"] == "diverged"]
+    assert diverged, "the seeded random sampler should reach lr >= 1.5e-3"
+    finished = [t for t in trials if t["state"] == "complete"]
+    assert best["best"]["value"] == max(t["value"] for t in finished)
+    lr_boundary = next(b for b in best["boundary"] if b["setting"] == "training.learning_rate")
+    assert lr_boundary["at_or_above"] == min(t["settings"]["training.learning_rate"] for t in diverged)
+    assert lr_boundary["diverged"] == lr_boundary["of"] == len(diverged)
+    assert best["states"]["diverged"] == len(diverged)
+    import optuna
+
+    study = optuna.load_study(study_name="lr-rank", storage=f"sqlite:///{layout.search_study('lr-rank')}")
+    assert len(study.trials) == len(trials)
+    assert study.best_value == best["best"]["value"]
+
+
+def test_planning_a_100_trial_search_costs_about_what_a_100_point_sweep_does(tmp_path):
+    search = search_config(rounds=[{"trials": 100}], sampler="random")
+    run_rounds(tmp_path / "s", search, lambda trial: 0.5)
+    sweep = raw_config({"base": {}})
+    sweep["sweeps"] = {"lr": {"base": "base", "grid": {"training.learning_rate": [1e-5 * (i + 1) for i in range(100)]}}}
+
+    def seconds(raw, root) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            plan = build_plan(raw, workdir=str(root), results=str(root / "results"))
+            plan.write_specs()
+            best = min(best, time.perf_counter() - start)
+        return best, plan
+
+    search_seconds, search_plan = seconds(search, tmp_path / "s")
+    sweep_seconds, sweep_plan = seconds(sweep, tmp_path / "w")
+    assert len(search_plan.experiments) == len(sweep_plan.experiments) == 101
+    assert search_seconds < sweep_seconds + 1.0, (search_seconds, sweep_seconds)
