@@ -16,7 +16,16 @@ from ..atomic import write_if_changed
 from ..errors import ConfigError
 from ..hashing import content_hash
 from ..paths import Layout
-from ..specs import FORMAT_VERSION, DatasetSpec, DataSpec, EvalSpec, ExperimentSpec, ModelSpec, StageSpec
+from ..specs import (
+    FORMAT_VERSION,
+    DatasetSpec,
+    DataSpec,
+    EvalSpec,
+    ExperimentSpec,
+    HarnessSpec,
+    ModelSpec,
+    StageSpec,
+)
 from .checks import check_choice, check_keys, check_name
 from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
 from .loading import deep_merge, normalize_raw
@@ -33,6 +42,7 @@ from .schema import (
     check_against_schema,
     primary_metric_choices,
 )
+from .harness import harness_settings, resolve_harness_jobs
 from .sections import check_positive_ints, check_section
 from .stages import check_adalora_schedule, check_adapter_continuation, merge_layers, raw_stages, resolve_stage
 from .sweeps import expand_sweeps
@@ -49,6 +59,7 @@ class Plan:
     smoke: bool
     layout: Layout
     report: dict = field(default_factory=dict)  # the report section, schema defaults filled in
+    harness: dict[str, HarnessSpec] = field(default_factory=dict)  # eval.harness per experiment with tasks
 
     def model_dir_name(self, model: str) -> str:
         return Layout.model_name(model, self.smoke)
@@ -71,6 +82,8 @@ class Plan:
             spec = {**data.settings, "data_id": data_id, "dataset": data.dataset.name, "model": data.model}
             spec["model_dir"] = self.layout.model_dir(self.model_dir_name(data.model))
             specs.append((self.layout.data_spec(data_id), spec))
+        # Apart from config.json: editing eval.harness re-runs only the harness jobs (and the report).
+        specs += [(self.layout.harness_config(name), spec.to_json()) for name, spec in self.harness.items()]
         # The experiments the report covers: a new or removed experiment re-runs the report.
         specs.append((self.layout.experiments_file(), sorted(self.experiments)))
         return [path for path, spec in specs if write_if_changed(path, spec)]
@@ -186,13 +199,17 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     hashes = FileHashCache(layout.file_hashes())
     data = DataJobs(models, workdir, smoke, hashes)
     experiments: dict[str, ExperimentSpec] = {}
+    harness: dict[str, tuple[str, dict]] = {}
     for name, exp in expand_sweeps(raw).items():
+        path = f"experiments.{name}" if "_sweep" not in exp else f"sweeps.{exp['_sweep']['name']} (experiment {name})"
         experiments[name] = resolve_experiment(name, exp, defaults, models, datasets, data, smoke)
+        harness[name] = (path, harness_settings(path, defaults, exp))
     if not experiments:
         raise ConfigError("experiments", "no experiments defined")
     report = deep_merge(REPORT_DEFAULTS, raw.get("report") or {})
     if report["baseline"]:
         add_baselines(experiments)
+    harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke, hashes)
     hashes.save()
     return Plan(
         models=models,
@@ -202,6 +219,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
         smoke=smoke_on,
         layout=layout,
         report=report,
+        harness=harness_jobs,
     )
 
 
