@@ -151,7 +151,9 @@ def cmd_harness(args) -> int:
         result = run_harness(args.spec, args.model, args.out, stage=args.stage)
     for task, values in result["tasks"].items():
         main = values["main"]
-        logging.info("harness %s: %s %s (%s examples)", task, main, values["metrics"][main]["value"], values["examples"])
+        logging.info(
+            "harness %s: %s %s (%s examples)", task, main, values["metrics"][main]["value"], values["examples"]
+        )
     return 0
 
 

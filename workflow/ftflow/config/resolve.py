@@ -28,6 +28,7 @@ from ..specs import (
 )
 from .checks import check_choice, check_keys, check_name
 from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
+from .harness import harness_settings, resolve_harness_jobs
 from .loading import deep_merge, normalize_raw
 from .schema import (
     DEFAULT_KEYS,
@@ -42,7 +43,6 @@ from .schema import (
     check_against_schema,
     primary_metric_choices,
 )
-from .harness import harness_settings, resolve_harness_jobs
 from .sections import check_positive_ints, check_section
 from .stages import check_adalora_schedule, check_adapter_continuation, merge_layers, raw_stages, resolve_stage
 from .sweeps import expand_sweeps

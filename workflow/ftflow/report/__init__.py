@@ -30,6 +30,7 @@ import shutil
 from ..atomic import atomic_dir, write_text
 from ..errors import FtflowError
 from ..paths import Layout
+from .benchmarks import add_benchmarks, attach_benchmarks, plot_benchmark_deltas
 from .collect import collect_runs
 from .plots import make_plots
 from .table import build_table
@@ -45,10 +46,13 @@ def write_report(results: str, logs: str, experiments: list[str], out_dir: str, 
     runs = collect_runs(layout, experiments)
     if not runs:
         raise FtflowError(f"no experiment of {', '.join(experiments) or '(none)'} has a config.json under {results}")
+    attach_benchmarks(layout, runs)
     table = build_table(runs)
+    add_benchmarks(table, runs)
     os.makedirs(out_dir, exist_ok=True)
     with atomic_dir(os.path.join(out_dir, "plots")) as tmp:
         plots = make_plots(runs, table, layout, tmp)
+        plots += [name for name in [plot_benchmark_deltas(table, tmp)] if name]
     write_text(os.path.join(out_dir, "report.md"), to_markdown(table, plots, title))
     images = {}
     for name in plots:
