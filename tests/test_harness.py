@@ -83,12 +83,12 @@ def harness_config(limit: int | None = None) -> dict:
             },
         },
         "experiments": {
-            "lora": {"method": "lora"},
-            # its own eval data, so the automatic baseline of lora's data stays
+            # first, and with its own eval data: the automatic baseline of lora's data still runs lora's tasks
             "hub-check": {
                 "baseline": True,
                 "eval": {"dataset": "colmap-alt", "harness": {"tasks": ["tasks/hub_mc.yaml"]}},
             },
+            "lora": {"method": "lora"},
         },
     }
 
@@ -97,7 +97,7 @@ def harness_config(limit: int | None = None) -> dict:
 def harness_run(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("harness")
     write_tasks(root)
-    (root / "config.yaml").write_text(yaml.safe_dump(harness_config()))
+    (root / "config.yaml").write_text(yaml.safe_dump(harness_config(), sort_keys=False))
     proc = snakemake(root, "--cores", "2", "--keep-going", check=False)
     return root, proc
 
@@ -184,13 +184,13 @@ def test_offline_hub_task_fails_with_one_line_and_the_rest_finish(harness_run):
 @pytest.mark.workflow
 def test_editing_harness_settings_or_task_data_replans_only_harness_jobs(harness_run):
     root, _ = harness_run
-    (root / "config.yaml").write_text(yaml.safe_dump(harness_config(limit=2)))
+    (root / "config.yaml").write_text(yaml.safe_dump(harness_config(limit=2), sort_keys=False))
     jobs = planned_jobs(snakemake(root, "-n").stdout)
     assert {rule for rule, _ in jobs} == {"harness", "report", "all"}
     assert {w for rule, w in jobs if rule == "harness"} == {
         f"experiment={e}" for e in ("lora", "baseline", "hub-check")
     }
-    (root / "config.yaml").write_text(yaml.safe_dump(harness_config()))
+    (root / "config.yaml").write_text(yaml.safe_dump(harness_config(), sort_keys=False))
     spec_path = root / "results" / "lora" / "harness-config.json"
     before = json.loads(spec_path.read_text())["files"]
     with (root / "tasks" / "mc.jsonl").open("a") as handle:
@@ -240,3 +240,48 @@ def test_harness_spec_is_apart_from_config_json_and_smoke_caps_the_limit(tmp_pat
     assert plans[0].harness["hub-check"].files == {
         "tasks/hub_mc.yaml": plans[0].harness["hub-check"].files["tasks/hub_mc.yaml"]
     }
+
+
+@pytest.mark.workflow
+def test_every_stage_plans_the_benchmarks_after_each_earlier_stage(tmp_path: Path):
+    write_tasks(tmp_path)
+    raw = harness_config()
+    raw["defaults"]["eval"]["harness"]["every_stage"] = True
+    raw["experiments"] = {"curriculum": {"method": "lora", "stages": [{"name": "pt"}, {"name": "sft"}]}}
+    raw["report"] = {"baseline": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    jobs = planned_jobs(snakemake(tmp_path, "-n").stdout)
+    assert ("harness_after_stage", "experiment=curriculum, stage=pt") in jobs
+    assert ("harness", "experiment=curriculum") in jobs
+    assert ("merge", "experiment=curriculum, stage=pt") in jobs
+    assert not any(rule == "harness_after_stage" and "sft" in w for rule, w in jobs)
+
+
+def test_report_shows_the_benchmarks_after_each_stage(tmp_path: Path):
+    """The report's side of every_stage, from harness files as the jobs write them (no model needed)."""
+    from ftflow.atomic import write_json
+    from ftflow.config import build_plan
+    from ftflow.paths import Layout
+    from ftflow.report import write_report
+
+    write_tasks(tmp_path)
+    raw = harness_config()
+    raw["defaults"]["eval"]["harness"]["every_stage"] = True
+    raw["experiments"] = {"curriculum": {"method": "lora", "stages": [{"name": "pt"}, {"name": "sft"}]}}
+    layout = Layout(str(tmp_path / "results"), str(tmp_path / "logs"))
+    plan = build_plan(raw, workdir=str(tmp_path), results=layout.results)
+    plan.write_specs()
+    for name, spec in plan.harness.items():
+        for stage, acc in ((None, 0.5), *((s, 0.75) for s in spec.stages)):
+            tasks = {"my_mc": {"metrics": {"acc": {"value": acc, "stderr": 0.25}}, "main": "acc"}}
+            provenance = {"config_hash": spec.config_hash, "harness_hash": spec.harness_hash}
+            write_json(layout.harness_results(name, stage), {"status": "ok", "tasks": tasks, "provenance": provenance})
+    assert plan.harness["curriculum"].stages == ("pt",) and plan.harness["baseline"].stages == ()
+    out = tmp_path / "report"
+    write_report(layout.results, layout.logs, sorted(plan.experiments), str(out))
+    markdown = (out / "report.md").read_text()
+    assert "## Benchmarks after each stage" in markdown
+    assert "| curriculum | pt | 0.750 |" in markdown and "| curriculum | sft | 0.500 |" in markdown
+    with (out / "summary.csv").open() as handle:
+        rows = {row["experiment"]: row for row in csv.DictReader(handle)}
+    assert rows["curriculum"]["harness.my_mc.acc"] == "0.5" and rows["curriculum"]["delta_harness.my_mc.acc"] == "0.0"

@@ -46,25 +46,28 @@ def resolve_harness_jobs(
     experiments: dict[str, ExperimentSpec], settings: dict[str, tuple[str, dict]], workdir: str, smoke, hashes
 ) -> dict[str, HarnessSpec]:
     """Every experiment's HarnessSpec (those with tasks). `settings` maps each configured experiment to
-    (its config path, its eval.harness); an added baseline runs the benchmarks of the first experiment
-    of its model that has any, so each tuned run has its untuned counterpart."""
+    (its config path, its eval.harness); an added baseline runs the benchmarks of the tuned runs it
+    stands for (same model and eval data; else same model), so each has its untuned counterpart."""
     jobs: dict[str, HarnessSpec] = {}
     for name, exp in experiments.items():
-        if name in settings:
-            path, values = settings[name]
-        else:
-            path, values = next(
-                (
-                    settings[other.name]
-                    for other in experiments.values()
-                    if other.model == exp.model and other.name in settings and settings[other.name][1]["tasks"]
-                ),
-                (f"experiments.{name}", HARNESS_DEFAULTS),
-            )
+        path, values = settings.get(name) or baseline_settings(exp, experiments, settings)
         spec = resolve_harness(path, exp, values, workdir, smoke, hashes)
         if spec is not None:
             jobs[name] = spec
     return jobs
+
+
+def baseline_settings(
+    baseline: ExperimentSpec, experiments: dict[str, ExperimentSpec], settings: dict[str, tuple[str, dict]]
+) -> tuple[str, dict]:
+    """The eval.harness of the first tuned experiment with tasks that an added baseline compares with."""
+    tuned = [
+        exp
+        for exp in experiments.values()
+        if not exp.baseline and exp.model == baseline.model and exp.name in settings and settings[exp.name][1]["tasks"]
+    ]
+    tuned.sort(key=lambda exp: exp.eval.data_id != baseline.eval.data_id)  # stable: config order within each
+    return settings[tuned[0].name] if tuned else (f"experiments.{baseline.name}", HARNESS_DEFAULTS)
 
 
 def resolve_harness(
