@@ -1,5 +1,5 @@
 # ftflow: fine-tuning experiments as a file dependency graph.
-#   tokenize -> train -> merge -> eval -> report, one wildcard per experiment and stage.
+#   tokenize -> train -> merge -> eval (+ harness) -> report, one wildcard per experiment and stage.
 # The experiments live in config.yaml (or the files given with --configfile);
 # every step runs the `ftflow` command line, all logic is in workflow/ftflow/.
 import sys
@@ -32,6 +32,7 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/harness.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/report.smk"
 

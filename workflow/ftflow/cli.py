@@ -1,7 +1,7 @@
 """The `ftflow` command line: one subcommand per workflow step, plus `resolve` and `bench`.
 
     resolve         print the experiments a config resolves to (the planner, no job)
-    prepare-model   tokenize   train   merge   evaluate   report     one per rule
+    prepare-model   tokenize   train   merge   evaluate   harness   report     one per rule
     bench           ftflow against the plain Hugging Face recipe (make bench)
 
 Rules call these commands, so the same step runs on the host, in a container
@@ -137,6 +137,23 @@ def cmd_evaluate(args) -> int:
         result = evaluate_experiment(args.config, args.model, args.data, args.out)
     shown = {k: v for k, v in result.items() if k in ("status", "eval_loss", "perplexity", "metrics", "primary_value")}
     logging.info("eval: %s", json.dumps(shown, default=str)[:2000])
+    return 0
+
+
+def cmd_harness(args) -> int:
+    from .harness import run_harness
+    from .specs import HarnessSpec
+
+    _threads(args.threads)
+    spec = HarnessSpec.read(args.spec)
+    stage = f", after stage {args.stage!r}" if args.stage else ""
+    with _job_gpus(args.gpus, f"experiment {spec.experiment!r}, harness{stage}"):
+        result = run_harness(args.spec, args.model, args.out, stage=args.stage)
+    for task, values in result["tasks"].items():
+        main = values["main"]
+        logging.info(
+            "harness %s: %s %s (%s examples)", task, main, values["metrics"][main]["value"], values["examples"]
+        )
     return 0
 
 
@@ -290,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", required=True)
     p.add_argument("--study", required=True)
     p.set_defaults(func=cmd_search_best)
+
+    p = sub.add_parser("harness", help="run lm-evaluation-harness benchmarks on a model (eval.harness)")
+    p.add_argument("--spec", required=True, help="the experiment's harness-config.json")
+    p.add_argument("--model", required=True, help="model folder (the merged model, or the base for a baseline)")
+    p.add_argument("--out", required=True, help="harness.json to write")
+    p.add_argument("--stage", help="the earlier stage whose merged model this is (eval.harness.every_stage)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices")
+    p.set_defaults(func=cmd_harness)
 
     p = sub.add_parser("report", help="write the comparison table and plots")
     p.add_argument("--results", help="results folder (default: the parent of --out)")

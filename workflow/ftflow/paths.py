@@ -92,6 +92,16 @@ class Layout:
     def predictions(self, experiment: str) -> str:
         return f"{self.eval_dir(experiment)}/predictions.jsonl"
 
+    def harness_config(self, experiment: str) -> str:
+        """results/{experiment}/harness-config.json: the benchmarks to run (eval.harness), apart from config.json."""
+        return f"{self.experiment_dir(experiment)}/harness-config.json"
+
+    def harness_results(self, experiment: str, stage: str | None = None) -> str:
+        """eval/harness.json: lm-evaluation-harness results of the final model; with a stage,
+        eval/harness-after-{stage}.json: of the merged model after that earlier stage."""
+        name = "harness.json" if stage is None else f"harness-after-{stage}.json"
+        return f"{self.eval_dir(experiment)}/{name}"
+
     # ------------------------------------------------------------------ report
 
     def report_dir(self) -> str:
@@ -161,6 +171,11 @@ class Layout:
     def eval_log(self, experiment: str) -> str:
         return f"{self.logs}/{experiment}/eval.log"
 
+    def harness_log(self, experiment: str, stage: str | None = None) -> str:
+        """logs/{experiment}/harness.log, or harness-after-{stage}.log."""
+        name = "harness.log" if stage is None else f"harness-after-{stage}.log"
+        return f"{self.logs}/{experiment}/{name}"
+
     def report_log(self) -> str:
         return f"{self.logs}/report.log"
 
@@ -172,6 +187,10 @@ class Layout:
 
     def eval_benchmark(self, experiment: str) -> str:
         return f"{self.benchmarks}/{experiment}/eval.tsv"
+
+    def harness_benchmark(self, experiment: str, stage: str | None = None) -> str:
+        name = "harness.tsv" if stage is None else f"harness-after-{stage}.tsv"
+        return f"{self.benchmarks}/{experiment}/{name}"
 
 
 def stage_dir_of(path_in_stage: str) -> str:

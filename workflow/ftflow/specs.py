@@ -219,3 +219,44 @@ class ExperimentSpec:
 
     def previous(self, stage: StageSpec) -> StageSpec | None:
         return self.stages[stage.index - 1] if stage.index > 0 else None
+
+
+@dataclass(frozen=True)
+class HarnessSpec:
+    """The lm-evaluation-harness benchmarks of one experiment: written beside its config.json
+    (results/{experiment}/harness-config.json), apart from it, so that editing them re-runs
+    only the harness jobs."""
+
+    experiment: str
+    model: str
+    baseline: bool
+    tasks: tuple[str, ...]  # task or group names, and local task YAML paths (relative to the working directory)
+    files: dict  # {path: sha256} of the local task YAMLs and every file they read: editing one re-runs the job
+    num_fewshot: int | None
+    limit: int | None  # examples per task, after smoke mode's cap
+    batch_size: int
+    apply_chat_template: bool
+    stages: tuple[str, ...]  # the earlier stages benchmarked too (eval.harness.every_stage), in order
+    config_hash: str  # the experiment's config hash: the model the benchmarks ran on
+    smoke: bool = False
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["format_version"] = FORMAT_VERSION
+        return data
+
+    @classmethod
+    def read(cls, path: str) -> HarnessSpec:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        data.pop("format_version", None)
+        return cls(**{**data, "tasks": tuple(data["tasks"]), "stages": tuple(data["stages"])})
+
+    @property
+    def harness_hash(self) -> str:
+        return content_hash(self.to_json())
+
+    @staticmethod
+    def is_local_task(task: str) -> bool:
+        """A local task YAML file (a path), not a harness task or group name."""
+        return task.endswith((".yaml", ".yml"))

@@ -161,6 +161,22 @@ def get_last_round_spec(wildcards):
     return LAYOUT.search_round_spec(wildcards.search, len(rounds) - 1)
 
 
+def get_harness_model(wildcards):
+    """The model a harness job benchmarks: the final model (as eval's), or the merged model after an earlier stage."""
+    if "stage" in wildcards.keys():
+        return LAYOUT.merged_dir(wildcards.experiment, wildcards.stage)
+    return get_eval_model(wildcards)
+
+
+def get_harness_outputs():
+    """eval/harness.json of every experiment with eval.harness tasks, and its every_stage results."""
+    paths = []
+    for name, spec in PLAN.harness.items():
+        paths.append(LAYOUT.harness_results(name))
+        paths.extend(LAYOUT.harness_results(name, stage) for stage in spec.stages)
+    return paths
+
+
 def get_report_inputs(wildcards=None):
     paths = []
     for exp in EXPERIMENTS.values():
@@ -169,6 +185,7 @@ def get_report_inputs(wildcards=None):
         paths.append(LAYOUT.eval_metrics(exp.name))
         paths.extend(LAYOUT.train_metrics(exp.name, s.name) for s in exp.stages)
     paths.extend(LAYOUT.search_best(name) for name in PLAN.searches)
+    paths.extend(get_harness_outputs())
     return paths
 
 

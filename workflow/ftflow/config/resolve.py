@@ -18,9 +18,19 @@ from ..atomic import write_if_changed
 from ..errors import ConfigError
 from ..hashing import content_hash
 from ..paths import Layout
-from ..specs import FORMAT_VERSION, DatasetSpec, DataSpec, EvalSpec, ExperimentSpec, ModelSpec, StageSpec
+from ..specs import (
+    FORMAT_VERSION,
+    DatasetSpec,
+    DataSpec,
+    EvalSpec,
+    ExperimentSpec,
+    HarnessSpec,
+    ModelSpec,
+    StageSpec,
+)
 from .checks import check_choice, check_keys, check_name
 from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
+from .harness import harness_settings, resolve_harness_jobs
 from .loading import deep_merge, normalize_raw
 from .schema import (
     DEFAULT_KEYS,
@@ -54,6 +64,7 @@ class Plan:
     report: dict = field(default_factory=dict)  # the report section, schema defaults filled in
     searches: dict[str, SearchSpec] = field(default_factory=dict)
     trials: SearchTrials | None = field(default=None, repr=False)  # the searches' trials, as planned so far
+    harness: dict[str, HarnessSpec] = field(default_factory=dict)  # eval.harness per experiment with tasks
 
     def model_dir_name(self, model: str) -> str:
         return Layout.model_name(model, self.smoke)
@@ -107,6 +118,8 @@ class Plan:
             specs.extend(
                 (self.layout.search_round_spec(search.name, k), search.round_spec(k)) for k in range(len(search.rounds))
             )
+        # Apart from config.json: editing eval.harness re-runs only the harness jobs (and the report).
+        specs += [(self.layout.harness_config(name), spec.to_json()) for name, spec in self.harness.items()]
         # The experiments the report covers: a new or removed experiment re-runs the report.
         # (A search's trials come and go with its rounds; the report finds them through results/search/.)
         trials = self.trials.experiment_of if self.trials else {}
@@ -224,8 +237,11 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     hashes = FileHashCache(layout.file_hashes())
     data = DataJobs(models, workdir, smoke, hashes)
     experiments: dict[str, ExperimentSpec] = {}
+    harness: dict[str, tuple[str, dict]] = {}
     for name, exp in expand_sweeps(raw).items():
+        path = f"experiments.{name}" if "_sweep" not in exp else f"sweeps.{exp['_sweep']['name']} (experiment {name})"
         experiments[name] = resolve_experiment(name, exp, defaults, models, datasets, data, smoke)
+        harness[name] = (path, harness_settings(path, defaults, exp))
     if not experiments:
         raise ConfigError("experiments", "no experiments defined")
     report = deep_merge(REPORT_DEFAULTS, raw.get("report") or {})
@@ -236,6 +252,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     searches = _check_searches_quietly(raw, experiments, data, resolve_trial)
     if report["baseline"]:
         add_baselines(experiments)
+    harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke, hashes)
     hashes.save()
     plan = Plan(
         models=models,
@@ -246,6 +263,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
         layout=layout,
         report=report,
         searches=searches,
+        harness=harness_jobs,
     )
     if searches:
         plan.trials = SearchTrials(plan, resolve_trial)

@@ -31,6 +31,7 @@ import shutil
 from ..atomic import atomic_dir, write_text
 from ..errors import FtflowError
 from ..paths import Layout
+from .benchmarks import add_benchmarks, attach_benchmarks, plot_benchmark_deltas
 from .collect import collect_runs
 from .plots import make_plots
 from .searches import collect_searches, plot_search
@@ -54,10 +55,13 @@ def write_report(
     runs = collect_runs(layout, [*experiments, *dict.fromkeys(trials)])
     if not runs:
         raise FtflowError(f"no experiment of {', '.join(experiments) or '(none)'} has a config.json under {results}")
+    attach_benchmarks(layout, runs)
     table = build_table(runs)
+    add_benchmarks(table, runs)
     os.makedirs(out_dir, exist_ok=True)
     with atomic_dir(os.path.join(out_dir, "plots")) as tmp:
         plots = make_plots(runs, table, layout, tmp)
+        plots += [name for name in [plot_benchmark_deltas(table, tmp)] if name]
         search_plots = {result.name: plot_search(result, tmp) for result in found}
     markdown = to_markdown(table, plots, title) + ("\n" + search_markdown(found, search_plots) if found else "")
     write_text(os.path.join(out_dir, "report.md"), markdown)

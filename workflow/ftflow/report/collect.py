@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..atomic import read_json
 from ..paths import Layout
@@ -43,6 +44,7 @@ class Run:
     problem: Problem | None = None
     # stats.json warnings of the data it trained and was scored on: splits that lost over 5% of their rows
     data_warnings: list[dict] = field(default_factory=list)
+    benchmarks: Any = None  # lm-evaluation-harness results (report.benchmarks.Benchmarks), when eval.harness has tasks
 
     @property
     def finished_stages(self) -> list[dict]:

@@ -136,6 +136,8 @@ class Table:
     groups: list[Group]
     settings: list[Setting]  # the varied settings, in column order
     shared: dict  # what every tuned experiment has in common, folded under the table
+    benchmarks: list = field(default_factory=list)  # (task, metric) of the harness columns (report.benchmarks)
+    benchmark_stages: list = field(default_factory=list)  # rows of the benchmarks after each stage (every_stage)
 
 
 def stages_text(run: Run) -> str:

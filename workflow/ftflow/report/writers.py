@@ -14,6 +14,7 @@ import io
 import json
 from importlib import resources
 
+from .benchmarks import benchmark_headlines
 from .formatting import finite, format_value
 from .table import LOWER_IS_BETTER, Row, Table, headline
 
@@ -61,6 +62,7 @@ def to_markdown(table: Table, plots: list[str], title: str) -> str:
     columns = [c for c in table.columns if c.key != "log"]  # the list of unfinished runs names the logs
     out = [f"# {title}", ""]
     out += [f"- {headline(group, table)}" for group in table.groups]
+    out += [f"- {line}" for line in benchmark_headlines(table)]
     out.append("")
     out.append("| " + " | ".join(c.label for c in columns) + " |")
     out.append("|" + "|".join("---" if c.kind == "text" else "--:" for c in columns) + "|")
@@ -81,6 +83,7 @@ def to_markdown(table: Table, plots: list[str], title: str) -> str:
             where = f" (log: `{row.log}`)" if row.log else ""
             out.append(f"- **{row.experiment}**: {row.status}; {row.note or 'no error recorded'}{where}")
         out.append("")
+    out += _stage_markdown(table)
     if table.shared:
         out += [
             "## Settings shared by every tuned experiment",
@@ -91,6 +94,30 @@ def to_markdown(table: Table, plots: list[str], title: str) -> str:
     if plots:
         out += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def _stage_header(table: Table) -> list[str]:
+    return ["experiment", "after stage", *(f"{task} {metric}" for task, metric in table.benchmarks)]
+
+
+def _stage_markdown(table: Table) -> list[str]:
+    """The benchmarks after each stage of a curriculum (eval.harness.every_stage), when some run has them."""
+    if not table.benchmark_stages:
+        return []
+    header = _stage_header(table)
+    out = ["## Benchmarks after each stage", "", "| " + " | ".join(header) + " |"]
+    out.append("|---|---|" + "--:|" * (len(header) - 2))
+    out += ["| " + " | ".join(cells) + " |" for cells in table.benchmark_stages]
+    return out + [""]
+
+
+def _stage_html(table: Table) -> str:
+    if not table.benchmark_stages:
+        return ""
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in _stage_header(table))
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in table.benchmark_stages)
+    return f'<h2>Benchmarks after each stage</h2><table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _static(name: str) -> str:
@@ -135,6 +162,7 @@ def to_html(table: Table, plots: dict[str, bytes], title: str) -> str:
     )
     body = [_html_row(row, table) for row in table.rows]
     headlines = "".join(f"<li>{esc(headline(group, table))}</li>" for group in table.groups)
+    headlines += "".join(f"<li>{esc(line)}</li>" for line in benchmark_headlines(table))
     abbreviations = (
         f"<p><small>Columns: {esc(_abbreviations(table))}. Hover a header for its meaning.</small></p>"
         if _abbreviations(table)
@@ -164,6 +192,7 @@ def to_html(table: Table, plots: dict[str, bytes], title: str) -> str:
 {newline.join(body)}
 </tbody></table></div>
 {abbreviations}
+{_stage_html(table)}
 {shared}
 <h2>Plots</h2>
 <div class="plots">
