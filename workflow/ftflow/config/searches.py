@@ -177,6 +177,9 @@ def _check_dimension(path: str, key: str, value: Any, sampler: str) -> dict:
         raise ConfigError(f"{path}.step", "a log range cannot have a step")
     if step is not None and (step <= 0 or step > high - low):
         raise ConfigError(f"{path}.step", f"step {step} leaves no value between {low} and {high}")
+    if step is not None and abs((high - low) / step - round((high - low) / step)) > 1e-6:
+        # Optuna would quietly lower `high` to the last multiple of the step
+        raise ConfigError(f"{path}.step", f"high - low ({high - low:g}) is not a multiple of step {step}")
     if sampler == "grid" and step is None and not integer:
         raise ConfigError(path, "the grid sampler needs a step for a float range", "add step: or list the values")
     return {
