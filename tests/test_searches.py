@@ -60,6 +60,7 @@ def config_error(raw: dict) -> str:
         ({"metric": "rougeL"}, "searches.lr-rank.metric: 'rougeL' is not a number the evaluation of 'base' reports"),
         ({"base": "nope"}, "searches.lr-rank.base: unknown experiment 'nope'"),
         ({"sampler": "grid"}, "the grid sampler needs a step for a float range"),
+        ({"space": {"lora.lora_dropout": {"low": 0.0, "high": 0.25, "step": 0.1}}}, "is not a multiple of step 0.1"),
         ({"rounds": [{"trials": 2, "training": {"max_step": 9}}]}, "rounds[0].training.max_step: unknown key"),
     ],
 )
@@ -83,6 +84,17 @@ def test_a_search_plans_no_job_before_its_rounds(tmp_path):
         "training": {},
     }
     assert read_json(plan.layout.experiments_file()) == ["base"]
+
+
+def test_editing_a_later_round_keeps_the_earlier_rounds_specs(tmp_path):
+    plan = build_plan(search_config(), workdir=str(tmp_path), results=str(tmp_path / "results"))
+    plan.write_specs()
+    edited = search_config(rounds=[{"trials": 6, "training": {"max_steps": 2}}, {"promote": 2}, {"trials": 5}])
+    plan = build_plan(edited, workdir=str(tmp_path), results=str(tmp_path / "results"))
+    assert plan.write_specs() == [plan.layout.search_round_spec("lr-rank", 2)]
+    changed = search_config(space={**SPACE, "lora.lora_dropout": [0.0, 0.1]})
+    plan = build_plan(changed, workdir=str(tmp_path), results=str(tmp_path / "results"))
+    assert len(plan.write_specs()) == 3  # a changed space is a new search: every round re-planned
 
 
 def run_rounds(root, raw, values) -> list[dict]:

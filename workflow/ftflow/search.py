@@ -304,8 +304,8 @@ def boundaries(spec: dict, trials: list[dict]) -> list[dict]:
     out = []
     ran = [t for t in trials if t["state"] in ("complete", "diverged")]
     for dim in spec["space"]:
-        if dim["kind"] == "choice":
-            continue
+        if dim["kind"] == "choice" and not all(_is_number(v) for v in dim["choices"]):
+            continue  # only ordered settings have a boundary: ranges and lists of numbers
         name = dim["name"]
         diverged = [t["settings"][name] for t in ran if t["state"] == "diverged" and name in t["settings"]]
         if not diverged:
@@ -315,3 +315,7 @@ def boundaries(spec: dict, trials: list[dict]) -> list[dict]:
         count = sum(t["state"] == "diverged" for t in above)
         out.append({"setting": name, "at_or_above": threshold, "diverged": count, "of": len(above)})
     return sorted(out, key=lambda b: (-b["diverged"] / b["of"], -b["of"]))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -177,6 +177,9 @@ def _check_dimension(path: str, key: str, value: Any, sampler: str) -> dict:
         raise ConfigError(f"{path}.step", "a log range cannot have a step")
     if step is not None and (step <= 0 or step > high - low):
         raise ConfigError(f"{path}.step", f"step {step} leaves no value between {low} and {high}")
+    if step is not None and abs((high - low) / step - round((high - low) / step)) > 1e-6:
+        # Optuna would quietly lower `high` to the last multiple of the step
+        raise ConfigError(f"{path}.step", f"high - low ({high - low:g}) is not a multiple of step {step}")
     if sampler == "grid" and step is None and not integer:
         raise ConfigError(path, "the grid sampler needs a step for a float range", "add step: or list the values")
     return {
@@ -257,10 +260,11 @@ class SearchTrials:
                     self._by_identity.setdefault(identity(exp), name)
         return self._by_identity
 
-    def add(self, trials_doc: dict) -> list[str]:
-        """The experiment of each trial of a round, in order; new ones are resolved and their specs written."""
+    def add(self, trials_doc: dict, write: bool = True) -> list[str]:
+        """The experiment of each trial of a round, in order; new ones are resolved and (with `write`)
+        their specs written. Parse time leaves the writing to Plan.write_specs."""
         search = self.plan.searches[trials_doc["search"]]
-        names = []
+        names, new = [], []
         for trial in trials_doc["trials"]:
             name = trial["name"]
             if name not in self.experiment_of:
@@ -271,9 +275,11 @@ class SearchTrials:
                 known = self._identities().setdefault(identity(exp), name)
                 if known == name:
                     self.plan.experiments[name] = exp
-                    self.plan.write_experiment_specs([exp])
+                    new.append(exp)
                 self.experiment_of[name] = known
             names.append(self.experiment_of[name])
+        if write and new:
+            self.plan.write_experiment_specs(new)
         return names
 
     def add_rounds_on_disk(self) -> None:
@@ -283,7 +289,7 @@ class SearchTrials:
                 doc = read_round_trials(self.plan.layout.search_round_trials(search.name, k))
                 if doc is None or doc.get("spec_hash") != content_hash(search.round_spec(k)):
                     break  # later rounds were planned from this one: stale too
-                self.add(doc)
+                self.add(doc, write=False)
 
 
 def read_round_trials(path: str) -> dict | None:

@@ -181,6 +181,7 @@ def plot_search(result: SearchResult, plot_dir: str) -> str:
     values = [t["value"] for t in trials if t["state"] == "complete"]
     floor = min(values) if values else 0.0
     fig, ax = plt.subplots(figsize=(7, 3.6))
+    labelled: set[str] = set()
     for doc in result.rounds:
         colour = ROUND_COLOURS[doc["round"] % len(ROUND_COLOURS)]
         done = [t for t in doc["trials"] if t["state"] == "complete"]
@@ -193,7 +194,9 @@ def plot_search(result: SearchResult, plot_dir: str) -> str:
         for state, marker in (("diverged", "x"), ("failed", "v")):
             bad = [t for t in doc["trials"] if t["state"] == state]
             if bad:
-                ax.scatter([t["number"] for t in bad], [floor] * len(bad), color=BAD, marker=marker, label=state)
+                label = state if state not in labelled else None  # one legend entry per state
+                labelled.add(state)
+                ax.scatter([t["number"] for t in bad], [floor] * len(bad), color=BAD, marker=marker, label=label)
     best = result.best.get("best")
     if best:
         ax.axhline(best["value"], color="#868e96", linewidth=0.8, linestyle=":")
