@@ -237,6 +237,13 @@ def test_harness_spec_is_apart_from_config_json_and_smoke_caps_the_limit(tmp_pat
     assert [p.harness["lora"].limit for p in plans] == [LIMIT, 2, LIMIT]
     assert len({p.experiments["lora"].config_hash for p in plans}) == 1  # training and task eval untouched
     assert plans[0].harness["baseline"].tasks == ("tasks/my_mc.yaml", "tasks/my_gen.yaml")
+    plans[0].write_specs()
+    written = tmp_path / "results" / "lora" / "harness-config.json"
+    assert json.loads(written.read_text())["tasks"] == ["tasks/my_mc.yaml", "tasks/my_gen.yaml"]
+    raw = harness_config()
+    raw["defaults"]["eval"].pop("harness")
+    build_plan(raw, workdir=str(tmp_path), results=str(tmp_path / "results")).write_specs()
+    assert not written.exists()  # no tasks now: the report no longer shows the old benchmarks
     assert plans[0].harness["hub-check"].files == {
         "tasks/hub_mc.yaml": plans[0].harness["hub-check"].files["tasks/hub_mc.yaml"]
     }

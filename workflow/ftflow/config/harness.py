@@ -11,6 +11,7 @@ index takes seconds to build); the job names an unknown or unreachable one.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..paths import Layout
 from ..specs import ExperimentSpec, HarnessSpec
 from .checks import check_keys
 from .loading import deep_merge
@@ -68,6 +70,15 @@ def baseline_settings(
     ]
     tuned.sort(key=lambda exp: exp.eval.data_id != baseline.eval.data_id)  # stable: config order within each
     return settings[tuned[0].name] if tuned else (f"experiments.{baseline.name}", HARNESS_DEFAULTS)
+
+
+def drop_stale_harness_configs(layout: Layout, experiments, harness: dict[str, HarnessSpec]) -> None:
+    """Remove harness-config.json of experiments that no longer name tasks, so the report stops showing
+    their old benchmarks (eval/harness.json is kept, as every earlier output is)."""
+    for name in experiments:
+        if name not in harness:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(layout.harness_config(name))
 
 
 def resolve_harness(

@@ -30,7 +30,7 @@ from ..specs import (
 )
 from .checks import check_choice, check_keys, check_name
 from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
-from .harness import harness_settings, resolve_harness_jobs
+from .harness import drop_stale_harness_configs, harness_settings, resolve_harness_jobs
 from .loading import deep_merge, normalize_raw
 from .schema import (
     DEFAULT_KEYS,
@@ -120,6 +120,7 @@ class Plan:
             )
         # Apart from config.json: editing eval.harness re-runs only the harness jobs (and the report).
         specs += [(self.layout.harness_config(name), spec.to_json()) for name, spec in self.harness.items()]
+        drop_stale_harness_configs(self.layout, self.experiments, self.harness)
         # The experiments the report covers: a new or removed experiment re-runs the report.
         # (A search's trials come and go with its rounds; the report finds them through results/search/.)
         trials = self.trials.experiment_of if self.trials else {}

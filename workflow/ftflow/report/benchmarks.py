@@ -184,8 +184,12 @@ def plot_benchmark_deltas(table: Table, plot_dir: str) -> str | None:
     width = 0.8 / len(pairs)
     for j, pair in enumerate(pairs):
         ys = [i + j * width for i in range(len(rows))]
-        values = [deltas[(row.experiment, pair)] or 0.0 for row in rows]
-        ax.barh(ys, values, height=width, color=colors[j % len(colors)], label=f"{pair[0]} {pair[1]}")
+        values = [deltas[(row.experiment, pair)] for row in rows]
+        color = colors[j % len(colors)]
+        ax.barh(ys, [v or 0.0 for v in values], height=width, color=color, label=f"{pair[0]} {pair[1]}")
+        for y, value in zip(ys, values):  # the number itself: a zero bar has no length to read
+            text = "n/a" if value is None else format_value("delta", value)
+            ax.annotate(text, (value or 0.0, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
     ax.axvline(0, color="#868e96", linewidth=1)
     ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_yticklabels([row.experiment for row in rows], fontsize=8)
