@@ -54,7 +54,7 @@ def write_report(results: str, logs: str, experiments: list[str], out_dir: str, 
     for name in plots:
         with open(os.path.join(out_dir, "plots", name), "rb") as handle:
             images[name] = handle.read()
-    write_text(os.path.join(out_dir, "report.html"), to_html(table, images, title))
+    write_text(os.path.join(out_dir, "report.html"), to_html(table, images, title, out_dir))
     # summary.csv last: it marks the step complete
     write_text(os.path.join(out_dir, "summary.csv"), to_csv(table))
     # a full report supersedes the partial one an earlier failed run left beside it
