@@ -63,9 +63,18 @@ def test_every_output_path_exists(smoke_run: Path):
     for name in ("report.html", "report.md"):
         assert (results / "report" / name).stat().st_size > 0
     assert (results / "report" / "plots" / "train_loss.png").stat().st_size > 0
+    html = (results / "report" / "report.html").read_text()
     for exp in TUNED:
-        assert (smoke_run / "logs" / exp / "train" / "train.log").exists()
+        log = smoke_run / "logs" / exp / "train" / "train.log"
+        # progress lines: the first step and the last (a 2-step run is shorter than the interval)
+        text = log.read_text()
+        assert "progress: step 1/2 (50%), loss 10.8425" in text and "progress: step 2/2 (100%)" in text, text
+        assert " tokens/s (" in text and "ETA 0s" in text
         assert (smoke_run / "benchmarks" / exp / "train" / "train.tsv").exists()
+    logs = {r["experiment"]: r["log"] for r in rows}
+    assert logs == {**{exp: f"logs/{exp}/train/train.log" for exp in TUNED}, "baseline": "logs/baseline/eval.log"}
+    assert '<a href="../../logs/a/train/train.log">' in html  # the report links each run's log
+    assert "- a: `logs/a/train/train.log`" in (results / "report" / "report.md").read_text()
 
 
 def test_nothing_to_do_after_a_run(smoke_run: Path):

@@ -96,11 +96,16 @@ def _job_gpus(gpus: int | None, who: str):
 
 def cmd_train(args) -> int:
     from . import launch
+    from .optional_imports import hide_bitsandbytes, uses_bitsandbytes
     from .specs import ExperimentSpec
 
+    experiment = ExperimentSpec.read(args.config)
+    stage = next((s for s in experiment.stages if s.name == args.stage), None)  # train_stage names a wrong one
+    if stage is not None and not uses_bitsandbytes(stage.method_info.quantized, stage.training.get("optim")):
+        hide_bitsandbytes()  # before peft and transformers are imported: they import it when they find it
     if args.gpus is None or launch.is_data_parallel_worker():
         return _train(args)  # torchrun's workers: the launcher already holds the slots
-    who = f"experiment {ExperimentSpec.read(args.config).name!r}, stage {args.stage!r} (gpus: {args.gpus})"
+    who = f"experiment {experiment.name!r}, stage {args.stage!r} (gpus: {args.gpus})"
     with _job_gpus(args.gpus, who) as slots:
         if args.gpus > 1:
             return launch.run_data_parallel(args.gpus, args.argv, slots)
@@ -118,6 +123,9 @@ def _train(args) -> int:
 
 def cmd_merge(args) -> int:
     from .atomic import read_json
+    from .optional_imports import hide_bitsandbytes
+
+    hide_bitsandbytes()  # a QLoRA adapter is merged onto the base loaded unquantized
     from .merge import merge_stage
 
     _threads(args.threads)
@@ -129,6 +137,9 @@ def cmd_merge(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .optional_imports import hide_bitsandbytes
+
+    hide_bitsandbytes()  # evaluation loads merged (unquantized) models only
     from .evaluation import evaluate_experiment
     from .specs import ExperimentSpec
 

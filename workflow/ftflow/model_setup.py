@@ -14,6 +14,7 @@ import torch
 from . import adalora
 from .errors import StageError
 from .models import load_model, load_tokenizer
+from .optional_imports import uses_bitsandbytes
 from .specs import StageSpec
 
 
@@ -34,7 +35,7 @@ def check_precision(stage: StageSpec, device: str, experiment: str) -> None:
                 f"training.{key}: mixed precision needs a GPU and none is visible here; remove it for CPU runs",
             )
     optim = str(training.get("optim", ""))
-    if "paged" in optim or "bnb" in optim or "8bit" in optim:
+    if uses_bitsandbytes(False, optim):
         # bitsandbytes 0.50 runs its (paged) optimizers on the CPU too; paging is then a no-op.
         try:
             import bitsandbytes  # noqa: F401

@@ -38,6 +38,7 @@ from .model_setup import check_precision, setup_for_training
 from .models import device_type
 from .packing import packing_collator, padding_collator
 from .paths import stage_dir_of
+from .progress import ProgressLog
 from .provenance import provenance
 from .resume import Resume, find_resume, stage_stamp, tensorboard_writer
 from .specs import ExperimentSpec, StageSpec
@@ -237,6 +238,8 @@ def build_trainer(
     )
     guard = DivergenceGuard(trainer, stage.divergence["factor"], stage.divergence["warmup_steps"])
     trainer.add_callback(guard)
+    if is_main:
+        trainer.add_callback(ProgressLog(trainer))  # step, loss, tokens/s and ETA in the job log
     if resume.checkpoint:
         trainer.restore_progress(resume.checkpoint)
     return trainer, guard

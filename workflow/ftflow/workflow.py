@@ -9,6 +9,24 @@ from .config import Plan, build_plan, check_duplicate_keys, normalize_raw
 from .errors import ConfigError
 
 
+def input_function(func):
+    """Mark a Snakefile input function so that Snakemake reads its signature once, not per job.
+
+    Snakemake inspects an input (or params, or resources) function's parameters
+    each time it calls it, to pass only those the function takes; a
+    500-experiment sweep makes thousands of such calls. Snakemake's
+    overwrite_function_params stores them on the function once.
+    """
+    import inspect
+
+    try:
+        from snakemake.common import overwrite_function_params
+    except ImportError:  # a Snakemake without it inspects the function every time, as it would anyway
+        return func
+    overwrite_function_params(func, inspect.signature(func).parameters)
+    return func
+
+
 def use_this_python_for_jobs() -> None:
     """Put the `ftflow` command beside the Python running Snakemake first on PATH.
 
@@ -36,10 +54,22 @@ def config_file_or_exit(path: str) -> None:
     if not os.path.exists(path):
         return  # Snakemake says so, or --configfile replaces it
     try:
-        check_duplicate_keys(path)
+        check_config_file(path)
     except ConfigError as err:
         sys.stderr.write(f"ftflow config error: {err}\n")
         sys.exit(1)
+
+
+_CHECKED: set[str] = set()  # config files already checked in this parse
+
+
+def check_config_file(path: str) -> None:
+    """check_duplicate_keys once per file and parse (config.yaml is checked before configfile: and again with the
+    --configfile list; a large sweep file takes a noticeable time to scan)."""
+    key = os.path.abspath(path)
+    if key not in _CHECKED:
+        check_duplicate_keys(path)
+        _CHECKED.add(key)
 
 
 def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
@@ -47,7 +77,7 @@ def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
     try:
         for path in configfiles:
             if os.path.exists(path):
-                check_duplicate_keys(path)
+                check_config_file(path)
         plan = build_plan(raw, workdir=os.getcwd(), results=results)
         check_mixed_precision(plan, default_gpus())
         return plan

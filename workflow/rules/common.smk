@@ -14,6 +14,7 @@ from ftflow.workflow import (  # noqa: E402
     default_gpus,
     effective_config,
     execution_environment_or_exit,
+    input_function,
     plan_or_exit,
     use_this_python_for_jobs,
 )
@@ -68,6 +69,7 @@ def get_stage(wildcards):
     return EXPERIMENTS[wildcards.experiment].stage(wildcards.stage)
 
 
+@input_function
 def get_stage_base(wildcards):
     """The model folder a stage starts from: the base model, or the previous stage's merged model."""
     exp = EXPERIMENTS[wildcards.experiment]
@@ -80,6 +82,7 @@ def get_stage_base(wildcards):
     return get_model_dir(exp.model)
 
 
+@input_function
 def get_stage_adapter(wildcards):
     """The previous stage's train_metrics.json when this stage continues its adapter."""
     exp = EXPERIMENTS[wildcards.experiment]
@@ -89,6 +92,7 @@ def get_stage_adapter(wildcards):
     return []
 
 
+@input_function
 def get_adapter_flag(wildcards, input):
     """`--adapter <previous stage>/adapter` for a stage that continues an adapter, else nothing."""
     if input.get("adapter"):
@@ -98,15 +102,18 @@ def get_adapter_flag(wildcards, input):
     return ""
 
 
+@input_function
 def get_stage_data(wildcards):
     """The tokenized data of each of the stage's datasets (a mixture's members), in its order."""
     return [LAYOUT.data_dir(data_id) for data_id in get_stage(wildcards).data_ids]
 
 
+@input_function
 def get_data_model(wildcards):
     return get_model_dir(PLAN.data[wildcards.data_id].model)
 
 
+@input_function
 def get_eval_model(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     if exp.baseline:
@@ -114,15 +121,18 @@ def get_eval_model(wildcards):
     return LAYOUT.merged_dir(exp.name, exp.stages[-1].name)
 
 
+@input_function
 def get_eval_data(wildcards):
     return LAYOUT.data_dir(EXPERIMENTS[wildcards.experiment].eval.data_id)
 
 
+@input_function
 def get_stage_gpus(wildcards):
     stage = get_stage(wildcards)
     return stage.gpus if stage.gpus is not None else DEFAULT_GPUS
 
 
+@input_function
 def get_eval_gpus(wildcards):
     """One GPU when the experiment trains on GPUs (its stages' or the defaults' gpus:), else DEFAULT_GPUS."""
     stages = EXPERIMENTS[wildcards.experiment].stages
@@ -175,6 +185,19 @@ def get_harness_outputs():
         paths.append(LAYOUT.harness_results(name))
         paths.extend(LAYOUT.harness_results(name, stage) for stage in spec.stages)
     return paths
+
+
+# Inputs, params and resources that are the same for every job of a rule are given as values, not
+# functions: Snakemake calls a function once per job (1,500 jobs in a 500-experiment sweep).
+STAGES = [stage for exp in EXPERIMENTS.values() for stage in exp.stages]
+CONTINUES_ADAPTER = any(s.index > 0 and s.init_from == "adapter" for s in STAGES)
+STAGE_ADAPTER = get_stage_adapter if CONTINUES_ADAPTER else []
+ADAPTER_FLAG = get_adapter_flag if CONTINUES_ADAPTER else ""
+GPUS_DECLARED = any(s.gpus is not None for s in STAGES) or (
+    (RAW_CONFIG.get("defaults") or {}).get("gpus") is not None
+)
+STAGE_GPUS = get_stage_gpus if GPUS_DECLARED else DEFAULT_GPUS
+EVAL_GPUS = get_eval_gpus if GPUS_DECLARED else DEFAULT_GPUS
 
 
 def get_report_inputs(wildcards=None):

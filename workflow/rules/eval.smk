@@ -15,11 +15,11 @@ rule evaluate:
         "../../envs/ftflow.yaml"
     threads: HEAVY_THREADS
     resources:
-        gpu=get_eval_gpus,
+        gpu=EVAL_GPUS,
         mem_mb=16000,
         runtime=240,
     params:
-        out=lambda w: LAYOUT.eval_dir(w.experiment),
+        out=LAYOUT.eval_dir("{experiment}"),
     shell:
         "ftflow evaluate --config {input.config} --model {input.model} --data {input.data}"
         " --out {params.out} --threads {threads} --gpus {resources.gpu} > {log} 2>&1"

@@ -4,7 +4,7 @@ rule train:
         config=LAYOUT.experiment_config("{experiment}"),
         base=get_stage_base,
         data=get_stage_data,
-        adapter=get_stage_adapter,
+        adapter=STAGE_ADAPTER,
     output:
         metrics=LAYOUT.train_metrics("{experiment}", "{stage}"),
     log:
@@ -15,12 +15,12 @@ rule train:
         "../../envs/ftflow.yaml"
     threads: HEAVY_THREADS
     resources:
-        gpu=get_stage_gpus,
+        gpu=STAGE_GPUS,
         mem_mb=16000,
         runtime=720,
     params:
-        adapter=get_adapter_flag,
-        out=lambda w: LAYOUT.stage_dir(w.experiment, w.stage),
+        adapter=ADAPTER_FLAG,
+        out=LAYOUT.stage_dir("{experiment}", "{stage}"),
     shell:
         "ftflow train --config {input.config} --stage {wildcards.stage} --base {input.base}"
         " --data {input.data} --out {params.out} {params.adapter} --threads {threads}"

@@ -45,6 +45,9 @@ class Run:
     # stats.json warnings of the data it trained and was scored on: splits that lost over 5% of their rows
     data_warnings: list[dict] = field(default_factory=list)
     benchmarks: Any = None  # lm-evaluation-harness results (report.benchmarks.Benchmarks), when eval.harness has tasks
+    # the job log to open first: the failed job's, else the training log (progress lines) of the stage
+    # that stopped or of the last stage, else the evaluation's; None when no job has run
+    log: str | None = None
 
     @property
     def finished_stages(self) -> list[dict]:
@@ -144,7 +147,15 @@ def read_run(layout: Layout, name: str) -> Run | None:
         run.status, run.problem = find_failure(layout, spec, os.path.getmtime(config_path))
     elif run.eval_metrics["status"] != "ok":
         run.status, run.problem = run.eval_metrics["status"], Problem("evaluate", run.eval_metrics.get("reason"))
+    run.log = run.problem.log if run.problem and run.problem.log else first_log(layout, spec, stopped)
     return run
+
+
+def first_log(layout: Layout, spec: ExperimentSpec, stopped: dict | None) -> str | None:
+    """The training log of the stage that stopped, else of the last stage that has one, else the evaluation's."""
+    stages = [stopped["stage"]] if stopped else [stage.name for stage in reversed(spec.stages)]
+    candidates = [layout.stage_log(spec.name, stage, "train") for stage in stages] + [layout.eval_log(spec.name)]
+    return next((path for path in candidates if os.path.exists(path)), None)
 
 
 def data_warnings(layout: Layout, spec: ExperimentSpec) -> list[dict]:

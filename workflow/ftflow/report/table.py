@@ -179,7 +179,7 @@ def make_row(run: Run, settings: dict) -> Row:
         status=run.status,
         stages=stages_text(run),
         note=note,
-        log=(problem.log if problem else None) or "",
+        log=run.log or "",
         data_loss=data_loss_text(run.data_warnings),
         trainable_params=done[-1].get("trainable_parameters") if done else None,
         steps=sum(m.get("steps") or 0 for m in done) if done else None,
@@ -331,7 +331,12 @@ def table_columns(primaries: list[str], metric_names: list[str], varied: list[Se
             "splits of the run's data that lost over 5% of their rows in tokenization (stats.json warnings)",
         ),
         Column("note", "note", "text", "where and why a run did not finish ok"),
-        Column("log", "log", "text", "log of the failed job"),
+        Column(
+            "log",
+            "log",
+            "text",
+            "job log: the failed job's, else the training log (step, loss, tokens/s, ETA), else the evaluation's",
+        ),
     ]
 
 

@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+import os
 from importlib import resources
 
 from .benchmarks import benchmark_headlines
@@ -84,6 +85,11 @@ def to_markdown(table: Table, plots: list[str], title: str) -> str:
             out.append(f"- **{row.experiment}**: {row.status}; {row.note or 'no error recorded'}{where}")
         out.append("")
     out += _stage_markdown(table)
+    finished_logs = [row for row in table.rows if row.log and row.status == "ok"]
+    if finished_logs:
+        out += ["## Job logs", "", "Training progress (step, loss, tokens/s, ETA) or evaluation, per run:", ""]
+        out += [f"- {row.experiment}: `{row.log}`" for row in finished_logs]
+        out.append("")
     if table.shared:
         out += [
             "## Settings shared by every tuned experiment",
@@ -133,7 +139,7 @@ def _delta_class(key: str, value) -> str:
     return "better" if (number < 0) == lower else "worse"
 
 
-def _html_row(row: Row, table: Table) -> str:
+def _html_row(row: Row, table: Table, report_dir: str | None) -> str:
     esc = html.escape
     classes = ["best" if row.best else "", "baseline" if row.baseline else "", row.status.replace(" ", "")]
     cells = []
@@ -150,17 +156,24 @@ def _html_row(row: Row, table: Table) -> str:
         )
         title_attr = f' title="{esc(str(value))}"' if kind in ("count", "setting") and value is not None else ""
         class_attr = f' class="{css}"' if css else ""
-        cells.append(f'<td{class_attr} data-v="{esc(sort_value)}"{title_attr}>{esc(text)}</td>')
+        if key == "log" and value:
+            # a link relative to the report's folder, so it opens from the page where it lies
+            href = os.path.relpath(value, report_dir) if report_dir else value
+            text_html = f'<a href="{esc(href)}">{esc(text)}</a>'
+        else:
+            text_html = esc(text)
+        cells.append(f'<td{class_attr} data-v="{esc(sort_value)}"{title_attr}>{text_html}</td>')
     return f'<tr class="{" ".join(c for c in classes if c and c != "ok")}">' + "".join(cells) + "</tr>"
 
 
-def to_html(table: Table, plots: dict[str, bytes], title: str) -> str:
+def to_html(table: Table, plots: dict[str, bytes], title: str, report_dir: str | None = None) -> str:
+    """The report page; `report_dir`, the folder it is written to, makes the log links relative to it."""
     esc = html.escape
     head = "".join(
         f'<th title="{esc(description)}"{" class=setting" if kind == "setting" else ""}>{esc(label)}</th>'
         for _, label, kind, description in table.columns
     )
-    body = [_html_row(row, table) for row in table.rows]
+    body = [_html_row(row, table, report_dir) for row in table.rows]
     headlines = "".join(f"<li>{esc(headline(group, table))}</li>" for group in table.groups)
     headlines += "".join(f"<li>{esc(line)}</li>" for line in benchmark_headlines(table))
     abbreviations = (
