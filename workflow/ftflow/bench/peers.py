@@ -172,7 +172,6 @@ def bench_peers(inputs, settings, run_task, log=print, command=None, steps=None,
     import time
 
     from .llamafactory_side import ensure_venv
-    from .runner import load_average
 
     started = time.perf_counter()
     training = inputs.stage["training"]
@@ -188,7 +187,7 @@ def bench_peers(inputs, settings, run_task, log=print, command=None, steps=None,
         except FtflowError as err:  # said out loud in results.md, the other sides still compared
             skipped["llamafactory"] = str(err).splitlines()[0]
             log(f"peers: LLaMA-Factory left out: {skipped['llamafactory']}")
-    load_start = load_average()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     results = compare_peers(inputs, steps, rounds, run_task, sides=tuple(sides), log=log)
     out = {
         "command": command,
@@ -197,7 +196,7 @@ def bench_peers(inputs, settings, run_task, log=print, command=None, steps=None,
         "examples_per_step": int(training["per_device_train_batch_size"])
         * int(training.get("gradient_accumulation_steps", 1)),
         "load_average_start": load_start,
-        "load_average_end": load_average(),
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.perf_counter() - started, 1),
         "skipped": skipped,
         **summarize_peers(results),

@@ -168,7 +168,7 @@ def run_peers_only(
 
     hf_logging.disable_progress_bar()
     settings = BenchSettings.for_mode(quick)
-    inputs = prepare_inputs(work, configfile, smoke=quick, cores=cores)
+    inputs = prepare_inputs(work, configfile, smoke=quick, cores=cores, merged=False)
     run_task = run_in_process if quick else run_in_subprocess
     peers = bench_peers(inputs, settings, run_task, log=log, command=command, steps=steps, rounds=rounds)
     path = os.path.join(out, "results.json")

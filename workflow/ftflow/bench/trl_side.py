@@ -8,8 +8,9 @@ TRL's documented recipe for this job, and nothing of ftflow's training code:
   position ids restarting per example, as ftflow's (TRL's `packing=True` would
   pack many examples into each of the batch's rows: another job, not run here);
   `peft_config=LoraConfig(...)` with the experiment's LoRA settings;
-  fp32 on the CPU; TRL's own loss (its fused LM head: per-token log-probs,
-  entropy and top-1 accuracy in chunks over the vocabulary, at every position).
+  fp32 on the CPU; TRL's own loss (its fused LM head: the LM head in tiles on
+  the positions that predict a label, per-token log-probs, and the entropy and
+  top-1 accuracy it logs as metrics).
 
 The same model folder, the same first `steps x batch` rows in the same order
 (sequential sampler), and the same optimizer, schedule, batch, accumulation,
@@ -76,13 +77,17 @@ def build_trl_trainer(model_dir: str, records: list[dict], stage: dict, method: 
 
 
 def trl_examples(trainer) -> list[dict]:
-    """TRL's tokenized examples as {input_ids, labels}: a label wherever TRL's loss looks."""
+    """TRL's tokenized examples as {input_ids, labels}: TRL's own labels column (-100 where its loss does not
+    look), or, where a TRL version keeps only the masks, the labels they give."""
     out = []
     for row in trainer.train_dataset:
-        mask = row.get("completion_mask") or row.get("assistant_masks") or [1] * len(row["input_ids"])
-        out.append(
-            {"input_ids": row["input_ids"], "labels": [t if m else IGNORE for t, m in zip(row["input_ids"], mask)]}
-        )
+        ids = row["input_ids"]
+        if "labels" in row:
+            labels = row["labels"]
+        else:
+            mask = row.get("completion_mask") or row.get("assistant_masks") or [1] * len(ids)
+            labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+        out.append({"input_ids": ids, "labels": labels})
     return out
 
 
@@ -109,9 +114,9 @@ def run_trl_side(
     trainer = build_trl_trainer(model_dir, records, stage, method, config, callbacks=[clock])
     ours = [{"input_ids": i, "labels": lab} for i, lab in zip(examples["input_ids"], examples["labels"])]
     labels = compare_labels(ours, trl_examples(trainer))
-    # TRL's fused LM head runs at every position of the row (prompt tokens included)
+    # TRL's fused LM head projects only the positions whose next token carries a label, as ftflow's loss does
     out = _measure(
-        trainer, clock, method, linear_weights(trainer.model), per_step, lengths, useful, lengths, lengths, device
+        trainer, clock, method, linear_weights(trainer.model), per_step, lengths, useful, lengths, useful, device
     )
     packages = ("trl", "transformers", "peft", "datasets", "accelerate", "torch")
     out.update(side="trl", kind=kind, labels=labels, examples=len(lengths), versions={p: version(p) for p in packages})
