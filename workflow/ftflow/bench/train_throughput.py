@@ -268,9 +268,11 @@ def run_ftflow_path(
     device: str = "cpu",
     bf16: bool = False,
     save_dir: str | None = None,
+    callbacks: tuple = (),
 ) -> dict:
     """ftflow's train path, built from the pieces `ftflow train` uses, on the same examples
-    (save_dir: where the trained adapter or model goes, as `ftflow train` saves it)."""
+    (save_dir: where the trained adapter or model goes, as `ftflow train` saves it; callbacks: more
+    TrainerCallbacks, e.g. a profiler)."""
     from transformers import set_seed
 
     from ..model_setup import setup_for_training
@@ -302,7 +304,7 @@ def run_ftflow_path(
         data_collator=collator,
         train_dataset=train,
         processing_class=tokenizer,
-        callbacks=[clock],
+        callbacks=[clock, *callbacks],
     )
     trainer.add_callback(DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"]))
     # packed: each example's own tokens and nothing else; logits only where a label is

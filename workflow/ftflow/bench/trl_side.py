@@ -102,6 +102,7 @@ def run_trl_side(
     out_dir: str,
     save_dir: str | None = None,
     device: str = "cpu",
+    callbacks: tuple = (),
 ) -> dict:
     """Train with TRL on ftflow's first `steps x batch` rows; timings, losses, and (save_dir) the trained artifact."""
     batch = int(stage["training"]["per_device_train_batch_size"])
@@ -111,7 +112,7 @@ def run_trl_side(
     kind, records = peer_records(data_spec, workdir, list(examples["source_row"]))
     config = trl_config(stage, steps, out_dir, device)
     clock = StepClock(device)
-    trainer = build_trl_trainer(model_dir, records, stage, method, config, callbacks=[clock])
+    trainer = build_trl_trainer(model_dir, records, stage, method, config, callbacks=[clock, *callbacks])
     ours = [{"input_ids": i, "labels": lab} for i, lab in zip(examples["input_ids"], examples["labels"])]
     labels = compare_labels(ours, trl_examples(trainer))
     # TRL's fused LM head projects only the positions whose next token carries a label, as ftflow's loss does
