@@ -90,6 +90,23 @@ def test_quick_bench_compares_like_with_like(quick_results):
     assert results["gpu"].get("skipped") or results["gpu"]["train"]["qlora"]["ftflow"]["peak_gpu_mb"] > 0
 
 
+@pytest.mark.workflow
+def test_quick_bench_compares_the_trl_peer_on_the_same_job(quick_results):
+    results, markdown = quick_results
+    peers = results["peers"]
+    for method in ("lora", "full"):
+        ratios = peers["trl"][method]
+        for key in ("speedup", "memory_ratio", "loss_gap", "eval_loss_gap"):
+            assert math.isfinite(ratios[key]), (method, key)
+        for side in ("ftflow", "trl"):
+            summary = peers["sides"][method][side]
+            assert len(summary["losses"]) == peers["steps"] and summary["eval_loss"] > 0
+        labels = peers["sides"][method]["trl"]["labels"]
+        assert labels["identical_labels"] == labels["examples"] > 0, labels["differences"]
+    assert "llamafactory" in peers["skipped"]  # its virtualenv is built by a full run only
+    assert "## Peers: ftflow, TRL and LLaMA-Factory on the same job" in markdown
+
+
 def test_training_flops_by_method():
     weights = {"body": 10, "adapter": 2, "head": 5}
     # full: 6 per weight per token, 6 per head weight per logit

@@ -210,10 +210,23 @@ def cmd_search_best(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench.inputs import default_configfile
-    from .bench.runner import run_bench
+    from .bench.runner import run_bench, run_peers_only
 
     command = "ftflow bench" + (" --quick" if args.quick else "") + (" --gpu" if args.gpu else "")
     work = args.work or os.path.join(args.out, "work")
+    if args.only == "peers":
+        configfile = args.configfile or default_configfile()
+        cores = args.cores or os.cpu_count() or 1
+        command += " --only peers" + "".join(
+            f" --peer-{name} {value}"
+            for name, value in (("steps", args.peer_steps), ("rounds", args.peer_rounds))
+            if value
+        )
+        run_peers_only(
+            args.out, work, configfile, args.quick, cores, command, args.peer_steps, args.peer_rounds, log=logging.info
+        )
+        logging.info("bench: wrote the peer comparison into %s/results.json and results.md", args.out)
+        return 0
     results = run_bench(
         args.out,
         work,
@@ -356,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="config whose first LoRA experiment is measured (default: config.yaml, the embedded default)",
     )
     p.add_argument("--cores", type=int, help="cores for the workflow runs that prepare the inputs (default: all)")
+    p.add_argument(
+        "--only",
+        choices=["peers"],
+        help="run one part: `peers` (ftflow vs TRL and LLaMA-Factory) updates the peers section of OUT/results.json",
+    )
+    p.add_argument(
+        "--peer-steps", type=int, help="with --only peers: optimizer steps per run (default: the experiment's)"
+    )
+    p.add_argument("--peer-rounds", type=int, help="with --only peers: runs per side and method (default: 2)")
     p.set_defaults(func=cmd_bench)
     return parser
 

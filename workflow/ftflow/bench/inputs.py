@@ -138,8 +138,9 @@ def pick_experiment(plan):
     )
 
 
-def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> BenchInputs:
-    """Prepare the model and tokenize the data through the workflow, in `work`; reuse what is there."""
+def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int, merged: bool = True) -> BenchInputs:
+    """Prepare the model and tokenize the data through the workflow, in `work`; reuse what is there
+    (merged=False: without training the experiment's merged model, which only the generation benchmark reads)."""
     from ..config import build_plan, load_workflow_config
 
     work = os.path.abspath(work)
@@ -154,8 +155,10 @@ def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> Bench
     exp = pick_experiment(plan)
     stage = exp.stages[0]
     model_dir = os.path.join(results, "models", plan.model_dir_name(exp.model))
-    merged = f"results/{exp.name}/{stage.name}/merged"
-    targets = sorted({f"results/data/{stage.data_id}", f"results/data/{exp.eval.data_id}", merged})
+    merged_dir = f"results/{exp.name}/{stage.name}/merged"
+    targets = sorted(
+        {f"results/data/{stage.data_id}", f"results/data/{exp.eval.data_id}"} | ({merged_dir} if merged else set())
+    )
     command = snakemake_command(work, local_config, smoke, "--cores", str(cores), *targets)
     seconds, _ = run_snakemake(
         command, f"preparing {exp.model}, tokenizing {', '.join(stage.datasets)} and training {exp.name} in {work}"
@@ -170,7 +173,7 @@ def prepare_inputs(work: str, configfile: str, smoke: bool, cores: int) -> Bench
         data_dir=os.path.join(results, "data", stage.data_id),
         data_spec=os.path.join(results, "data", stage.data_id + ".json"),
         eval_data_dir=os.path.join(results, "data", exp.eval.data_id),
-        eval_model_dir=os.path.join(work, merged),
+        eval_model_dir=os.path.join(work, merged_dir),
         stage=asdict(stage),
         eval=asdict(exp.eval),
         max_length=stage.max_length,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .flops import __doc__ as FLOP_ACCOUNTING
+from .peers_report import render_peers
 
 
 def _num(value, digits: int = 2) -> str:
@@ -321,4 +322,6 @@ def render_markdown(results: dict) -> str:
     lines += ["## Workflow overhead", ""] + _dag(results)
     lines += ["## Tokenization", ""] + _tokenization(results)
     lines += ["## GPU", ""] + _gpu(results)
+    if results.get("peers"):
+        lines += render_peers(results["peers"])
     return "\n".join(lines).rstrip() + "\n"

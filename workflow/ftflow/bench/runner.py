@@ -87,6 +87,7 @@ def run_bench(
 
     from . import dag, generation, tokenization, train_throughput
     from .gpu import bench_gpu
+    from .peers import bench_peers
     from .report import render_markdown
     from .worker import run_in_process, run_in_subprocess
 
@@ -131,6 +132,7 @@ def run_bench(
         "cache_hit": tokenization.bench_cache_hit(inputs),
     }
     results["gpu"] = bench_gpu(inputs, settings, run_task, requested=gpu, log=log)
+    results["peers"] = bench_peers(inputs, settings, run_task, log=log, command=command)
 
     results["targets"] = check_targets(results)
     results["load_average_end"] = load_average()
@@ -140,4 +142,44 @@ def run_bench(
     results = _relative_paths(results, os.getcwd())  # a results file names no folder of the machine it ran on
     write_json(os.path.join(out, "results.json"), results)
     write_text(os.path.join(out, "results.md"), render_markdown(results))
+    return results
+
+
+def run_peers_only(
+    out: str,
+    work: str,
+    configfile: str,
+    quick: bool,
+    cores: int,
+    command: str,
+    steps: int | None = None,
+    rounds: int | None = None,
+    log=print,
+) -> dict:
+    """`ftflow bench --only peers`: the peer comparison alone, written into OUT/results.json's `peers`
+    (the rest of an earlier full run kept) and rendered into results.md."""
+    from transformers.utils import logging as hf_logging
+
+    from ..atomic import read_json
+    from .peers import bench_peers
+    from .peers_report import render_peers_only
+    from .report import render_markdown
+    from .worker import run_in_process, run_in_subprocess
+
+    hf_logging.disable_progress_bar()
+    settings = BenchSettings.for_mode(quick)
+    inputs = prepare_inputs(work, configfile, smoke=quick, cores=cores, merged=False)
+    run_task = run_in_process if quick else run_in_subprocess
+    peers = bench_peers(inputs, settings, run_task, log=log, command=command, steps=steps, rounds=rounds)
+    path = os.path.join(out, "results.json")
+    results = read_json(path) if os.path.exists(path) else None
+    os.makedirs(out, exist_ok=True)
+    if results is not None and "train" in results:
+        results["peers"] = _relative_paths(peers, os.getcwd())
+        write_json(path, results)
+        write_text(os.path.join(out, "results.md"), render_markdown(results))
+    else:
+        results = {"command": command, "machine": machine_info(), "peers": _relative_paths(peers, os.getcwd())}
+        write_json(path, results)
+        write_text(os.path.join(out, "results.md"), render_peers_only(results))
     return results

@@ -139,6 +139,7 @@ def _measure(
         "executed_flops": training_flops(weights, method, positions, logits),
         "weights": weights,
         "train_loss": result.training_loss,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],  # one per logging step
     }
     if device == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -266,8 +267,12 @@ def run_ftflow_path(
     out_dir: str,
     device: str = "cpu",
     bf16: bool = False,
+    save_dir: str | None = None,
+    callbacks: tuple = (),
 ) -> dict:
-    """ftflow's train path, built from the pieces `ftflow train` uses, on the same examples."""
+    """ftflow's train path, built from the pieces `ftflow train` uses, on the same examples
+    (save_dir: where the trained adapter or model goes, as `ftflow train` saves it; callbacks: more
+    TrainerCallbacks, e.g. a profiler)."""
     from transformers import set_seed
 
     from ..model_setup import setup_for_training
@@ -299,12 +304,15 @@ def run_ftflow_path(
         data_collator=collator,
         train_dataset=train,
         processing_class=tokenizer,
-        callbacks=[clock],
+        callbacks=[clock, *callbacks],
     )
     trainer.add_callback(DivergenceGuard(trainer, stage["divergence"]["factor"], stage["divergence"]["warmup_steps"]))
     # packed: each example's own tokens and nothing else; logits only where a label is
     out = _measure(trainer, clock, method, linear_weights(model), per_step, lengths, useful, lengths, useful, device)
     out.update(side="ftflow", attention=model.config._attn_implementation, examples=len(lengths))
+    if save_dir:
+        trainer.model.save_pretrained(save_dir, safe_serialization=True)
+        tokenizer.save_pretrained(save_dir)
     return out
 
 

@@ -25,6 +25,9 @@ TASKS = {
     "train.ftflow": "train_throughput:run_ftflow_path",
     "generate.one_at_a_time": "generation:run_one_at_a_time",
     "generate.batched": "generation:run_batched",
+    "peers.trl": "trl_side:run_trl_side",
+    "peers.llamafactory": "llamafactory_side:run_llamafactory_side",
+    "peers.score": "peers:score_side",
 }
 
 
@@ -43,7 +46,7 @@ def _peak_rss_mb() -> float:
 def run_in_process(task: str, **kwargs) -> dict:
     """Run one task here (quick mode: no process start-up; peak_rss_mb is then this process's so far)."""
     result = _task_function(task)(**kwargs)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result.setdefault("peak_rss_mb", _peak_rss_mb())  # a task that runs a child process reports the child's
     return result
 
 
