@@ -30,7 +30,7 @@ import shutil
 from ..atomic import atomic_dir, write_text
 from ..errors import FtflowError
 from ..paths import Layout
-from .collect import collect_runs
+from .collect import collect_runs, where_line
 from .plots import make_plots
 from .table import build_table
 from .writers import to_csv, to_html, to_markdown
@@ -49,12 +49,12 @@ def write_report(results: str, logs: str, experiments: list[str], out_dir: str, 
     os.makedirs(out_dir, exist_ok=True)
     with atomic_dir(os.path.join(out_dir, "plots")) as tmp:
         plots = make_plots(runs, table, layout, tmp)
-    write_text(os.path.join(out_dir, "report.md"), to_markdown(table, plots, title))
+    write_text(os.path.join(out_dir, "report.md"), to_markdown(table, plots, title, where_line(runs)))
     images = {}
     for name in plots:
         with open(os.path.join(out_dir, "plots", name), "rb") as handle:
             images[name] = handle.read()
-    write_text(os.path.join(out_dir, "report.html"), to_html(table, images, title))
+    write_text(os.path.join(out_dir, "report.html"), to_html(table, images, title, where_line(runs)))
     # summary.csv last: it marks the step complete
     write_text(os.path.join(out_dir, "summary.csv"), to_csv(table))
     # a full report supersedes the partial one an earlier failed run left beside it

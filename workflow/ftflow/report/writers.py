@@ -57,11 +57,13 @@ def _clip(text: str, width: int = NOTE_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def to_markdown(table: Table, plots: list[str], title: str) -> str:
+def to_markdown(table: Table, plots: list[str], title: str, where: str = "") -> str:
     columns = [c for c in table.columns if c.key != "log"]  # the list of unfinished runs names the logs
     out = [f"# {title}", ""]
     out += [f"- {headline(group, table)}" for group in table.groups]
     out.append("")
+    if where:  # host or image (collect.where_line)
+        out += [where, ""]
     out.append("| " + " | ".join(c.label for c in columns) + " |")
     out.append("|" + "|".join("---" if c.kind == "text" else "--:" for c in columns) + "|")
     for row in table.rows:
@@ -127,7 +129,7 @@ def _html_row(row: Row, table: Table) -> str:
     return f'<tr class="{" ".join(c for c in classes if c and c != "ok")}">' + "".join(cells) + "</tr>"
 
 
-def to_html(table: Table, plots: dict[str, bytes], title: str) -> str:
+def to_html(table: Table, plots: dict[str, bytes], title: str, where: str = "") -> str:
     esc = html.escape
     head = "".join(
         f'<th title="{esc(description)}"{" class=setting" if kind == "setting" else ""}>{esc(label)}</th>'
@@ -159,6 +161,7 @@ def to_html(table: Table, plots: dict[str, bytes], title: str) -> str:
 <body>
 <h1>{esc(title)}</h1>
 <ul class="headlines">{headlines}</ul>
+{f"<p class=where>{esc(where)}</p>" if where else ""}
 <p><small>Green row: best tuned run; grey italic: untuned baseline; red: did not finish ok. Click a column header to sort.</small></p>
 <div class="wrap"><table class="runs"><thead><tr>{head}</tr></thead><tbody>
 {newline.join(body)}
