@@ -64,25 +64,27 @@ def inputs_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def local_pip_settings() -> list[str]:
-    """Build options that carry this machine's pip settings into the image build.
+def local_pip_settings() -> tuple[list[str], list[str]]:
+    """Build options that carry this machine's pip settings into the image build, and the host folders they need.
 
     pip's find-links folder, when it holds the CPU build of the lock's torch, is
     bound at /mnt (WHEELS); pip's CA bundle (PyPI through a proxy the image does
     not trust), at /srv (PIP_CERT). Both targets exist in a debootstrapped root.
     """
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    options = []
-    folders = re.findall(r"find-links='([^']*)'", listed) + os.environ.get("PIP_FIND_LINKS", "").split()
-    wheels = [f for f in " ".join(folders).split() if glob.glob(os.path.join(f, "torch-2.13.0+cpu-*.whl"))]
+    options, folders = [], []
+    links = re.findall(r"find-links='([^']*)'", listed) + os.environ.get("PIP_FIND_LINKS", "").split()
+    wheels = [f for f in " ".join(links).split() if glob.glob(os.path.join(f, "torch-2.13.0+cpu-*.whl"))]
     if wheels:
         options += ["--bind", f"{wheels[0]}:/mnt", "--build-arg", "WHEELS=/mnt"]
+        folders.append(wheels[0])
     certs = re.findall(r"\bcert='([^']*)'", listed) + [os.environ.get("PIP_CERT", "")]
     cert = next((c for c in certs if c and os.path.isfile(c)), None)
     if cert:
         folder, name = os.path.split(os.path.realpath(cert))
         options += ["--bind", f"{folder}:/srv", "--build-arg", f"PIP_CERT=/srv/{name}"]
-    return options
+        folders.append(folder)
+    return options, folders
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +105,10 @@ def image(apptainer_path) -> Path:
         TIMES["image build (reused)"] = 0.0
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    command = ["apptainer", "build", *local_pip_settings(), str(path), str(DEF.relative_to(REPO))]
-    timed("image build", command, cwd=REPO, env={**os.environ, "PATH": apptainer_path}, timeout=3600)
+    options, folders = local_pip_settings()
+    command = ["apptainer", "build", *options, str(path), str(DEF.relative_to(REPO))]
+    env = {**os.environ, "PATH": apptainer_path, "FTFLOW_APPTAINER_EXTRA_BINDS": ":".join(folders)}
+    timed("image build", command, cwd=REPO, env=env, timeout=3600)
     return path
 
 
@@ -207,15 +211,30 @@ def test_use_apptainer_from_a_clean_folder(tmp_path, apptainer_path, image, imag
         )
 
 
-def comparable(metrics: dict) -> dict:
+def comparable(value):
     """A metrics file without what differs by run: provenance, times, speeds and memory."""
-    skip = re.compile(r"provenance|seconds|time|per_second|tokens_per|_s$|rss|memory|_mb$|date")
-    out = {}
-    for key, value in metrics.items():
-        if skip.search(key):
-            continue
-        out[key] = comparable(value) if isinstance(value, dict) else value
-    return out
+    skip = re.compile(r"provenance|seconds|time|per_second|tokens_per|rss|memory|_mb$|date")
+    if isinstance(value, dict):
+        return {key: comparable(item) for key, item in value.items() if not skip.search(key)}
+    if isinstance(value, list):
+        return [comparable(item) for item in value]
+    return value
+
+
+def assert_close(a, b, where: str = "", rel: float = 1e-5) -> None:
+    """The same structure and values; floats within `rel` of each other."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_close(a[key], b[key], f"{where}.{key}", rel)
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{where}[{i}]", rel)
+    elif isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=rel), where
+    else:
+        assert a == b, where
 
 
 def test_results_equal_the_hosts(image_run, host_run):
@@ -231,7 +250,7 @@ def test_results_equal_the_hosts(image_run, host_run):
         assert host["provenance"]["runtime"]["where"] == "host"
         same_versions = host["provenance"]["packages"] == inside["provenance"]["packages"]
         if same_versions:
-            assert comparable(host) == pytest.approx(comparable(inside), rel=1e-5), host_file.name
+            assert_close(comparable(host), comparable(inside), host_file.name)
         else:  # other library versions: the same keys, the same task metrics
             assert comparable(host).keys() == comparable(inside).keys()
     host_eval = json.loads((host_run / "results" / "lora" / "eval" / "metrics.json").read_text())

@@ -13,8 +13,9 @@
 # ROOT is FTFLOW_APPTAINER_ROOT (default /var/lib/ftflow-apptainer/root); it is
 # kept and reused, and must lie outside every bound folder. The bound folders
 # are FTFLOW_APPTAINER_BIND_SAME (colon-separated; default: those of /home
-# /root /tmp /var/tmp /work /srv /mnt /data /opt/wheels that exist) plus, at each
-# call, the current folder. Facts this setup relies on (checked on Debian 12
+# /root /tmp /var/tmp /work /srv /mnt /data that exist) plus, at each call, the
+# current folder and FTFLOW_APPTAINER_EXTRA_BINDS. A bind source given to
+# `apptainer build --bind` is a path inside ROOT: bind its host folder so. Facts this setup relies on (checked on Debian 12
 # hosts run as root in a sandbox):
 #  - `debootstrap --variant=minbase sid` takes about a minute; the sid mirror's
 #    Release file can be older than its Valid-Until, so apt in ROOT ignores it;
@@ -39,7 +40,7 @@ fi
 mkdir -p "$bin_dir"
 bin_dir=$(cd "$bin_dir" && pwd)
 default_binds=""
-for d in /home /root /tmp /var/tmp /work /srv /mnt /data /opt/wheels; do
+for d in /home /root /tmp /var/tmp /work /srv /mnt /data; do
     [[ -d $d ]] && default_binds="$default_binds${default_binds:+:}$d"
 done
 binds=${FTFLOW_APPTAINER_BIND_SAME:-$default_binds}

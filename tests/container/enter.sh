@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # enter.sh ROOT BINDS APPTAINER_ARGS...: run ROOT's apptainer in a private mount
-# namespace whose root is ROOT (pivot_root), with each folder of BINDS
-# (colon-separated) and the current folder bound at the same path. The
+# namespace whose root is ROOT (pivot_root), with each folder of BINDS and of
+# FTFLOW_APPTAINER_EXTRA_BINDS (colon-separated) and the current folder bound at
+# the same path. The
 # environment passes through (Apptainer hands it to the container), but PATH is
 # ROOT's. `build` runs as ROOT's user builder with --fakeroot; its image is
 # written to a temporary file and moved to the asked path by root.
@@ -9,7 +10,8 @@ set -euo pipefail
 root=$1 binds=$2
 shift 2
 here=$PWD
-IFS=: read -ra bind_list <<< "$binds"
+# more host folders for this call only (e.g. a wheel folder or a CA bundle's folder a build binds)
+IFS=: read -ra bind_list <<< "$binds${FTFLOW_APPTAINER_EXTRA_BINDS:+:$FTFLOW_APPTAINER_EXTRA_BINDS}"
 covered=false
 for d in "${bind_list[@]}"; do
     case "$here/" in "$d"/*) covered=true ;; esac
