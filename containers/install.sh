@@ -9,7 +9,7 @@
 # TORCH_INDEX: the wheel index torch==2.13.0 comes from (the base image's CUDA,
 # or the CPU index). WHEELS: a folder of wheels bound into the build (e.g. a
 # machine's pip find-links folder holding the CPU torch wheel), or "none"; when
-# given, torch comes from it alone and the other installs look there first.
+# given, every install looks there as well as in the package index.
 # PIP_CERT: a CA bundle bound into the build for pip (PyPI through a proxy that
 # the image's own certificates do not trust), or "none".
 set -eu
@@ -29,8 +29,9 @@ pip="/opt/ftflow/venv/bin/python -m pip install --no-cache-dir --progress-bar of
 if [ "$wheels" = none ]; then
     torch_from="--index-url $torch_index"
 else
+    # the folder's build wins: a local version (2.13.0+cpu) sorts above the index's 2.13.0
     pip="$pip --find-links $wheels"
-    torch_from="--no-index"
+    torch_from=""
 fi
 $pip --upgrade "pip>=24"
 # torch first and exactly the lock's version, so that no package of the lock

