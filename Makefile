@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.ftflow-installed
 CORES   ?= all
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-fast smoke lint bench container clean
+.PHONY: run test test-fast test-container smoke lint bench container clean
 
 $(STAMP): envs/requirements.txt envs/requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,11 +25,16 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -n auto --dist loadfile  # one worker per core, a test file per worker
+	$(BIN)/python -m pytest tests -q -n auto --dist loadfile -m "not container"  # one worker per core, a test file per worker
 
 # Unit tests only: no real snakemake run, no embedded model, no cluster (about a minute).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -n auto --dist loadfile -m "not slow and not workflow and not cluster"
+	$(BIN)/python -m pytest tests -q -n auto --dist loadfile -m "not slow and not workflow and not cluster and not container"
+
+# Jobs in a real Apptainer image (needs root): brings up Apptainer from Debian sid, builds
+# containers/Apptainer-debian.def, runs the smoke workflow in it and on the host; prints the times.
+test-container: $(STAMP)
+	$(BIN)/python -m pytest tests/test_container_run.py -q -s -m container
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --config smoke=true
@@ -48,7 +53,7 @@ bench: $(STAMP)
 # The Apptainer image every rule can run in (snakemake --use-apptainer); needs apptainer >= 1.2.
 container: containers/ftflow.sif
 
-containers/ftflow.sif: containers/Apptainer.def envs/requirements.txt pyproject.toml $(wildcard workflow/ftflow/*.py)
+containers/ftflow.sif: containers/Apptainer.def containers/install.sh envs/requirements.txt pyproject.toml $(wildcard workflow/ftflow/*.py)
 	apptainer build --force $@ containers/Apptainer.def
 
 clean:

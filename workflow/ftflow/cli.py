@@ -382,11 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The steps the rules run: each says where it runs, and stops if that is not the image it was asked for.
+JOB_STEPS = (cmd_prepare_model, cmd_tokenize, cmd_train, cmd_merge, cmd_evaluate, cmd_report)
+
+
+def where_this_job_runs() -> None:
+    from .container import describe, runtime
+
+    where = runtime()
+    print(f"ftflow: this job runs {describe(where)} (host {where['host']})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # a data-parallel launch re-runs the same command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
+        if args.func in JOB_STEPS:
+            where_this_job_runs()
         return args.func(args)
     except FtflowError as err:
         print(f"ftflow: error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Where a result came from: code version, packages, config hash and device."""
+"""Where a result came from: code version, packages, config hash, device, and host or image."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import subprocess
 
 from . import __version__
+from .container import runtime
 
 PACKAGES = (
     "torch",
@@ -76,4 +77,5 @@ def provenance(config_hash: str | None) -> dict:
         "packages": package_versions(),
         "config_hash": config_hash,
         "device": device_info(),
+        "runtime": runtime(),  # the host, or the image with its SHA-256 and lock hash (ftflow.container)
     }

@@ -6,6 +6,7 @@ import os
 import sys
 
 from .config import Plan, build_plan, check_duplicate_keys, normalize_raw
+from .container import check_lock, check_sif, check_visible, export_for_jobs, image_facts
 from .errors import ConfigError
 
 
@@ -97,6 +98,8 @@ def default_gpus() -> int:
     return 1 if machine_gpus()[0] else 0
 
 
+# Dataset sources that are not local files (ftflow.sources.load_source).
+SOURCE_SCHEMES = ("hub", "modelscope", "generator")
 IMAGE_SCHEMES = ("docker", "library", "oras", "shub", "http", "https")
 
 
@@ -112,7 +115,7 @@ def container_image(raw: dict, workdir: str, required: bool) -> str | None:
         if required:
             raise ConfigError(
                 "container",
-                "--use-apptainer is given but no image is configured",
+                "--use-apptainer (or --use-singularity) is given but no image is configured",
                 "set container: to a .sif path or a docker:// URI",
             )
         return None
@@ -132,7 +135,7 @@ def container_image(raw: dict, workdir: str, required: bool) -> str | None:
             f"{image!r} is neither a .sif file nor an image URI",
             "build one with `make container` or use docker://...",
         )
-    if required and not os.path.isfile(path):
+    if required and not os.path.exists(path):
         raise ConfigError(
             "container",
             f"no image at {path}",
@@ -177,11 +180,58 @@ def check_mixed_precision(plan: Plan, gpus_available: int) -> None:
                     )
 
 
-def execution_environment_or_exit(raw: dict, workdir: str, use_apptainer: bool) -> str | None:
-    """Export the jobs' HF cache and resolve the container image; a config error prints one line and exits."""
+def job_paths(plan: Plan, workdir: str, env: dict) -> list[tuple[str, str]]:
+    """(config key, host path) of everything outside the image a job reads or writes, besides results/ and logs/."""
+    from .gpu_slots import slots_folder
+    from .sources import local_files
+
+    needed = []
+    for name, dataset in plan.datasets.items():
+        sources = dataset.source if isinstance(dataset.source, dict) else {None: dataset.source}
+        for split, pattern in sources.items():
+            if isinstance(pattern, str) and (":" not in pattern or pattern.partition(":")[0] not in SOURCE_SCHEMES):
+                key = f"datasets.{name}.source" + (f".{split}" if split else "")
+                needed += [(key, file) for file in local_files(pattern, workdir)]
+    for name, model in plan.models.items():
+        if model.path:
+            needed.append((f"models.{name}.path", os.path.abspath(os.path.join(workdir, model.path))))
+    if env.get("HF_HOME"):
+        needed.append(("hf_home (or HF_HOME)", env["HF_HOME"]))
+    if env.get("FTFLOW_GPU_SLOTS_DIR") or default_gpus():
+        needed.append(("the GPU slot folder (FTFLOW_GPU_SLOTS_DIR or the temp folder)", slots_folder(env)))
+    return needed
+
+
+def lock_file() -> str:
+    """envs/requirements.txt of the source tree this ftflow runs from."""
+    return os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "envs", "requirements.txt"
+    )
+
+
+def execution_environment_or_exit(
+    raw: dict, workdir: str, use_apptainer: bool, plan: Plan | None = None, apptainer_args: str | None = None
+) -> str | None:
+    """Export the jobs' HF cache and resolve the container image; a config error prints one line and exits.
+
+    Under --use-apptainer a local image is checked (a SIF file, built from this
+    tree's lock), every path the jobs need must be visible inside it, and the
+    jobs are told which image they must run in (ftflow.container).
+    """
     try:
         export_hf_home(raw, workdir)
-        return container_image(raw, workdir, use_apptainer)
+        image = container_image(raw, workdir, use_apptainer)
+        if not use_apptainer or image is None:
+            return image
+        facts = None
+        if "://" not in image:
+            check_sif(image)
+            facts = image_facts(image, workdir)
+            check_lock(image, facts["lock_sha256"], lock_file())
+        if plan is not None:
+            check_visible(job_paths(plan, workdir, dict(os.environ)), workdir, dict(os.environ), apptainer_args)
+        export_for_jobs(image, facts)
+        return image
     except ConfigError as err:
         sys.stderr.write(f"ftflow config error: {err}\n")
         sys.exit(1)

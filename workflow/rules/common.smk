@@ -34,10 +34,13 @@ PLAN = plan_or_exit(
 LAYOUT = Layout(RESULTS, LOGS)
 DEFAULT_GPUS = default_gpus()
 # The Apptainer image of all jobs under --use-apptainer, for the Snakefile's container directive.
+# Under --use-apptainer: the image is checked and every path the jobs need must be visible in it.
 CONTAINER = execution_environment_or_exit(
     RAW_CONFIG,
     os.getcwd(),
     DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method,
+    plan=PLAN,
+    apptainer_args=workflow.deployment_settings.apptainer_args,
 )
 PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments

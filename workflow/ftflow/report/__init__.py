@@ -32,7 +32,7 @@ from ..atomic import atomic_dir, write_text
 from ..errors import FtflowError
 from ..paths import Layout
 from .benchmarks import add_benchmarks, attach_benchmarks, plot_benchmark_deltas
-from .collect import collect_runs
+from .collect import collect_runs, where_line
 from .plots import make_plots
 from .searches import collect_searches, plot_search
 from .searches import to_html as search_html
@@ -63,7 +63,10 @@ def write_report(
         plots = make_plots(runs, table, layout, tmp)
         plots += [name for name in [plot_benchmark_deltas(table, tmp)] if name]
         search_plots = {result.name: plot_search(result, tmp) for result in found}
-    markdown = to_markdown(table, plots, title) + ("\n" + search_markdown(found, search_plots) if found else "")
+    where = where_line(runs)
+    markdown = to_markdown(table, plots, title, where)
+    if found:
+        markdown += "\n" + search_markdown(found, search_plots)
     write_text(os.path.join(out_dir, "report.md"), markdown)
     images = {}
     for name in [*plots, *search_plots.values()]:
@@ -72,7 +75,7 @@ def write_report(
     search_images = {
         s: "data:image/png;base64," + base64.b64encode(images[p]).decode() for s, p in search_plots.items()
     }
-    page = to_html(table, {name: images[name] for name in plots}, title, out_dir)
+    page = to_html(table, {name: images[name] for name in plots}, title, out_dir, where)
     if found:  # each search's section goes before the plots
         page = page.replace("<h2>Plots</h2>", search_html(found, search_images) + "\n<h2>Plots</h2>", 1)
     write_text(os.path.join(out_dir, "report.html"), page)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..atomic import read_json
+from ..container import describe
 from ..paths import Layout
 from ..specs import ExperimentSpec
 
@@ -175,3 +176,25 @@ def data_warnings(layout: Layout, spec: ExperimentSpec) -> list[dict]:
 def collect_runs(layout: Layout, experiments: list[str]) -> list[Run]:
     """The runs of `experiments` that have a config.json, in the order given."""
     return [run for run in (read_run(layout, name) for name in experiments) if run is not None]
+
+
+def where_line(runs: list[Run]) -> str:
+    """Where the runs' training and evaluation ran, from their provenance: one place, or the mix of them.
+
+    A table built from runs on the host and in an image (or in two images) says
+    so, naming which run ran where, since library versions may differ between them.
+    """
+    places: dict[str, list[str]] = {}
+    for run in runs:
+        recorded = [metrics for metrics in [*run.train_metrics, run.eval_metrics] if metrics]
+        for metrics in recorded:
+            place = describe((metrics.get("provenance") or {}).get("runtime"))
+            names = places.setdefault(place, [])
+            if run.name not in names:
+                names.append(run.name)
+    if not places:
+        return "Where: no run has recorded where it ran yet."
+    if len(places) == 1:
+        return f"Where: every run ran {next(iter(places))}."
+    parts = [f"{', '.join(names)} {place}" for place, names in places.items()]
+    return "Where: the runs ran in different places, compare with care: " + "; ".join(parts) + "."

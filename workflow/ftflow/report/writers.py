@@ -59,12 +59,14 @@ def _clip(text: str, width: int = NOTE_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def to_markdown(table: Table, plots: list[str], title: str) -> str:
+def to_markdown(table: Table, plots: list[str], title: str, where: str = "") -> str:
     columns = [c for c in table.columns if c.key != "log"]  # the list of unfinished runs names the logs
     out = [f"# {title}", ""]
     out += [f"- {headline(group, table)}" for group in table.groups]
     out += [f"- {line}" for line in benchmark_headlines(table)]
     out.append("")
+    if where:  # host or image (collect.where_line)
+        out += [where, ""]
     out.append("| " + " | ".join(c.label for c in columns) + " |")
     out.append("|" + "|".join("---" if c.kind == "text" else "--:" for c in columns) + "|")
     for row in table.rows:
@@ -166,8 +168,9 @@ def _html_row(row: Row, table: Table, report_dir: str | None) -> str:
     return f'<tr class="{" ".join(c for c in classes if c and c != "ok")}">' + "".join(cells) + "</tr>"
 
 
-def to_html(table: Table, plots: dict[str, bytes], title: str, report_dir: str | None = None) -> str:
-    """The report page; `report_dir`, the folder it is written to, makes the log links relative to it."""
+def to_html(table: Table, plots: dict[str, bytes], title: str, report_dir: str | None = None, where: str = "") -> str:
+    """The report page; `report_dir`, the folder it is written to, makes the log links relative to it;
+    `where` says where the runs ran (host or image)."""
     esc = html.escape
     head = "".join(
         f'<th title="{esc(description)}"{" class=setting" if kind == "setting" else ""}>{esc(label)}</th>'
@@ -200,6 +203,7 @@ def to_html(table: Table, plots: dict[str, bytes], title: str, report_dir: str |
 <body>
 <h1>{esc(title)}</h1>
 <ul class="headlines">{headlines}</ul>
+{f"<p class=where>{esc(where)}</p>" if where else ""}
 <p><small>Green row: best tuned run; grey italic: untuned baseline; red: did not finish ok. Click a column header to sort.</small></p>
 <div class="wrap"><table class="runs"><thead><tr>{head}</tr></thead><tbody>
 {newline.join(body)}
