@@ -296,13 +296,14 @@ def param_importances(study) -> dict[str, float] | None:
 
 
 def boundaries(spec: dict, trials: list[dict]) -> list[dict]:
-    """Per numeric setting where trials diverged: from the lowest diverged value up, how many diverged.
+    """Per numeric setting where runs diverged: from the lowest diverged value up, how many diverged.
 
     A setting where every trial at or above that value diverged is a boundary the search found;
     the list is sorted by that share, the clearest first.
     """
     out = []
-    ran = [t for t in trials if t["state"] in ("complete", "diverged")]
+    # each experiment once: a trial asked again (or promoted at the same budget) is the same run
+    ran = list({t["experiment"]: t for t in trials if t["state"] in ("complete", "diverged")}.values())
     for dim in spec["space"]:
         if dim["kind"] == "choice" and not all(_is_number(v) for v in dim["choices"]):
             continue  # only ordered settings have a boundary: ranges and lists of numbers
