@@ -199,12 +199,14 @@ def tell_round(spec_path: str, trials_path: str, experiments: list[str], results
         raise ValueError(f"{len(doc['trials'])} trials but {len(experiments)} experiments")
     layout = Layout(results)
     metric = spec["metric"]
+    earlier = [t for path in previous for t in read_json(path)["trials"]]
+    ran_before = {t["experiment"] for t in earlier}
     for trial, experiment in zip(doc["trials"], experiments):
         trial["experiment"] = experiment
-        trial["reused"] = experiment != trial["name"]  # an equal experiment (a sweep point, a trial) ran it
+        # results of an equal experiment (a sweep point, the base) or of an earlier round's trial
+        trial["reused"] = experiment != trial["name"] or experiment in ran_before
         trial.update(trial_outcome(layout, experiment, metric))
     # A diverged trial is told the worst value seen so far, this round's included.
-    earlier = [t for path in previous for t in read_json(path)["trials"]]
     values = [t["value"] for t in earlier + doc["trials"] if t["state"] == "complete"]
     worst = (max(values) if spec["direction"] == "minimize" else min(values)) if values else None
     for trial in doc["trials"]:
