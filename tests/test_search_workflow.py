@@ -88,8 +88,9 @@ def test_trials_equal_to_experiments_reuse_their_results(searched):
     }
     assert ran[(2, 1.0e-3)]["experiment"] == "sw-1" and ran[(2, 1.0e-3)]["reused"]  # the sweep point
     assert ran[(8, 1.0e-3)]["experiment"] == "a" and ran[(8, 1.0e-3)]["reused"]  # the base itself
-    (again,) = docs[2]["trials"]  # the grid is exhausted: an earlier trial asked again
-    assert again["name"] in {t["name"] for t in docs[0]["trials"]} and again["reused"]
+    (again,) = docs[2]["trials"]  # the grid is exhausted: an earlier trial asked again, not run again
+    (earlier,) = [t for t in docs[0]["trials"] if t["name"] == again["name"]]
+    assert again["experiment"] == earlier["experiment"] and again["state"] == earlier["state"]
     # trained: a, sw-1, the two diverging trials and the promoted one; nothing for a reused trial
     diverged = [t["name"] for t in docs[0]["trials"] if t["state"] == "diverged"]
     assert trained(searched) == sorted(["a", "sw-1", *diverged, docs[1]["trials"][0]["name"]])

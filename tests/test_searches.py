@@ -153,6 +153,13 @@ def test_rounds_are_deterministic_and_promote_the_best(tmp_path):
             assert trial["told"] == (trial["value"] if trial["state"] == "complete" else min(values))
 
 
+def test_a_trial_promoted_at_its_own_budget_is_the_same_run(tmp_path):
+    first, promoted = run_rounds(tmp_path, search_config(rounds=[{"trials": 3}, {"promote": 1}]), lr_score)
+    (trial,) = promoted["trials"]
+    assert trial["name"] == trial["promoted_from"] and trial["experiment"] == trial["name"]
+    assert trial["reused"] and not any(t["reused"] for t in first["trials"])
+
+
 def test_a_different_seed_or_space_makes_different_trials(tmp_path):
     base = run_rounds(tmp_path / "a", search_config(rounds=[{"trials": 4}]), lr_score)[0]
     seeded = run_rounds(tmp_path / "b", search_config(rounds=[{"trials": 4}], seed=1), lr_score)[0]

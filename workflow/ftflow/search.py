@@ -199,12 +199,14 @@ def tell_round(spec_path: str, trials_path: str, experiments: list[str], results
         raise ValueError(f"{len(doc['trials'])} trials but {len(experiments)} experiments")
     layout = Layout(results)
     metric = spec["metric"]
+    earlier = [t for path in previous for t in read_json(path)["trials"]]
+    ran_before = {t["experiment"] for t in earlier}
     for trial, experiment in zip(doc["trials"], experiments):
         trial["experiment"] = experiment
-        trial["reused"] = experiment != trial["name"]  # an equal experiment (a sweep point, a trial) ran it
+        # results of an equal experiment (a sweep point, the base) or of an earlier round's trial
+        trial["reused"] = experiment != trial["name"] or experiment in ran_before
         trial.update(trial_outcome(layout, experiment, metric))
     # A diverged trial is told the worst value seen so far, this round's included.
-    earlier = [t for path in previous for t in read_json(path)["trials"]]
     values = [t["value"] for t in earlier + doc["trials"] if t["state"] == "complete"]
     worst = (max(values) if spec["direction"] == "minimize" else min(values)) if values else None
     for trial in doc["trials"]:
@@ -296,13 +298,14 @@ def param_importances(study) -> dict[str, float] | None:
 
 
 def boundaries(spec: dict, trials: list[dict]) -> list[dict]:
-    """Per numeric setting where trials diverged: from the lowest diverged value up, how many diverged.
+    """Per numeric setting where runs diverged: from the lowest diverged value up, how many diverged.
 
     A setting where every trial at or above that value diverged is a boundary the search found;
     the list is sorted by that share, the clearest first.
     """
     out = []
-    ran = [t for t in trials if t["state"] in ("complete", "diverged")]
+    # each experiment once: a trial asked again (or promoted at the same budget) is the same run
+    ran = list({t["experiment"]: t for t in trials if t["state"] in ("complete", "diverged")}.values())
     for dim in spec["space"]:
         if dim["kind"] == "choice" and not all(_is_number(v) for v in dim["choices"]):
             continue  # only ordered settings have a boundary: ranges and lists of numbers

@@ -1,9 +1,10 @@
-"""The planner: one YAML config of models, datasets, defaults, experiments and sweeps, resolved once.
+"""The planner: one YAML config of models, datasets, defaults, experiments, sweeps and searches, resolved once.
 
     loading   read and layer config files; duplicate keys caught
     schema    the JSON Schema: the first check, and the one source of defaults and enums
     checks    names, keys, allowed values, and the "did you mean" every message uses
     sweeps    sweeps expanded into named experiments
+    searches  searches checked, their round specs, and their planned trials turned into experiments
     sections  training/lora/adalora/quantization/divergence/eval checks
     datasets  dataset checks, source fingerprints and the settings that make a data_id
     mixtures  a stage's dataset or list of datasets, and its mix settings
