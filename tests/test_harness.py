@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,11 @@ def test_offline_hub_task_fails_with_one_line_and_the_rest_finish(harness_run):
         assert math.isclose(float(rows["lora"][f"delta_{key}"]), lora - base, abs_tol=1e-9)
         assert rows["baseline"][f"delta_{key}"] == ""
     markdown = (root / "results" / "report" / "partial" / "report.md").read_text()
-    assert "my_mc acc" in markdown and "against the untuned baseline." in markdown
+    number = r"[+-]\d\.\d{3}"
+    headline = (
+        rf"- lora: eval_loss {number}, my_mc acc {number}, my_gen exact_match {number} against the untuned baseline\."
+    )
+    assert re.search(headline, markdown), markdown[:600]
     assert (root / "results" / "report" / "partial" / "plots" / "benchmark_deltas.png").stat().st_size > 5_000
 
 
