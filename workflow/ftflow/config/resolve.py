@@ -210,7 +210,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     report = deep_merge(REPORT_DEFAULTS, raw.get("report") or {})
     if report["baseline"]:
         add_baselines(experiments)
-    harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke, hashes)
+    harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke)
     hashes.save()
     return Plan(
         models=models,
