@@ -39,6 +39,7 @@ def workdir(tmp_path: Path) -> Path:
 # collection order, and a long file started last would run alone at the end.
 LONGEST_FIRST = [
     "test_report_workflow.py",
+    "test_harness.py",
     "test_crash_safety.py",
     "test_curricula.py",
     "test_workflow.py",

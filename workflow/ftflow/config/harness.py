@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 from typing import Any
 
@@ -45,7 +46,7 @@ def harness_settings(path: str, defaults: dict, raw_exp: dict) -> dict:
 
 
 def resolve_harness_jobs(
-    experiments: dict[str, ExperimentSpec], settings: dict[str, tuple[str, dict]], workdir: str, smoke, hashes
+    experiments: dict[str, ExperimentSpec], settings: dict[str, tuple[str, dict]], workdir: str, smoke
 ) -> dict[str, HarnessSpec]:
     """Every experiment's HarnessSpec (those with tasks). `settings` maps each configured experiment to
     (its config path, its eval.harness); an added baseline runs the benchmarks of the tuned runs it
@@ -53,7 +54,7 @@ def resolve_harness_jobs(
     jobs: dict[str, HarnessSpec] = {}
     for name, exp in experiments.items():
         path, values = settings.get(name) or baseline_settings(exp, experiments, settings)
-        spec = resolve_harness(path, exp, values, workdir, smoke, hashes)
+        spec = resolve_harness(path, exp, values, workdir, smoke)
         if spec is not None:
             jobs[name] = spec
     return jobs
@@ -82,7 +83,7 @@ def drop_stale_harness_configs(layout: Layout, experiments, harness: dict[str, H
 
 
 def resolve_harness(
-    path: str, exp: ExperimentSpec, values: dict, workdir: str, smoke: dict | None, hashes
+    path: str, exp: ExperimentSpec, values: dict, workdir: str, smoke: dict | None
 ) -> HarnessSpec | None:
     """The experiment's HarnessSpec, or None when it names no tasks."""
     where = f"{path}.eval.harness"
@@ -103,7 +104,7 @@ def resolve_harness(
     for task in tasks:
         if HarnessSpec.is_local_task(task):
             for file in task_files(f"{where}.tasks", task, workdir):
-                files[file] = hashes.get(os.path.join(workdir, file))
+                files[file] = file_sha256(os.path.join(workdir, file))
     limit = values["limit"]
     if smoke:
         limit = min(limit or smoke["eval_rows"], smoke["eval_rows"])
@@ -123,6 +124,16 @@ def resolve_harness(
         config_hash=exp.config_hash,
         smoke=exp.smoke,
     )
+
+
+def file_sha256(path: str) -> str:
+    """A task file's content hash. Task files are small and read once per parse, so they skip the
+    data files' hash cache (and a parse that only validates writes nothing)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def task_files(where: str, task_yaml: str, workdir: str) -> list[str]:

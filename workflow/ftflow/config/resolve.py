@@ -253,7 +253,7 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     searches = _check_searches_quietly(raw, experiments, data, resolve_trial)
     if report["baseline"]:
         add_baselines(experiments)
-    harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke, hashes)
+    harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke)
     hashes.save()
     plan = Plan(
         models=models,
