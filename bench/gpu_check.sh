@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make gpu-check: what only a CUDA machine can check, in one command from a bare clone
-# (make installs .venv first), about 5 minutes on one H100/H200:
+# (make installs .venv first), about 5 minutes on one H100/H200 and never over 8 (the two timeouts):
 #   1. tests/test_gpu.py (marker `gpu`): bf16 LoRA and full fine-tuning, QLoRA nf4 on the
 #      bitsandbytes CUDA kernels and its merge, paged AdamW, packed attention on CUDA (SDPA,
 #      and flash-attention when installed), the GPU slot allocator on the real devices;
@@ -27,7 +27,7 @@ print(f"gpu-check: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.
 PY
 
 echo "gpu-check: 1/2 tests marked gpu"
-FTFLOW_REQUIRE_GPU=1 timeout 360 "$BIN/python" -m pytest tests/test_gpu.py -m gpu -v -p no:cacheprovider \
+FTFLOW_REQUIRE_GPU=1 timeout 180 "$BIN/python" -m pytest tests/test_gpu.py -m gpu -v -p no:cacheprovider \
     || fail "tests/test_gpu.py (see above)"
 
 echo "gpu-check: 2/2 ftflow bench --quick --gpu"
