@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.ftflow-installed
 CORES   ?= all
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-fast test-container smoke lint bench container clean
+.PHONY: run test test-fast test-container smoke lint bench gpu-check container clean
 
 $(STAMP): envs/requirements.txt envs/requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: $(STAMP)
 # on an idle 2-core CPU (the prepared model and data are kept in bench/work/ for the next run).
 bench: $(STAMP)
 	$(BIN)/ftflow bench
+
+# On a CUDA machine: the tests marked gpu, then `ftflow bench --quick --gpu` into bench/results-gpu.md
+# (about 5 minutes on one H100/H200); fails, never skips, without a working CUDA device.
+gpu-check: $(STAMP)
+	BIN=$(BIN) bench/gpu_check.sh
 
 # The Apptainer image every rule can run in (snakemake --use-apptainer); needs apptainer >= 1.2.
 container: containers/ftflow.sif

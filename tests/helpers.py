@@ -24,10 +24,15 @@ sys.path.insert(0, str(REPO / "workflow"))
 # --------------------------------------------------------------------------- real snakemake runs
 
 
+# Seconds a snakemake run may take; FTFLOW_TEST_SNAKEMAKE_TIMEOUT raises it on a loaded machine.
+SNAKEMAKE_TIMEOUT = int(os.environ.get("FTFLOW_TEST_SNAKEMAKE_TIMEOUT", "900"))
+
+
 def snakemake(
-    workdir: Path, *args: str, check: bool = True, timeout: int = 900, env: dict | None = None
+    workdir: Path, *args: str, check: bool = True, timeout: int | None = None, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run the real snakemake on the repository's Snakefile inside `workdir`."""
+    timeout = timeout or SNAKEMAKE_TIMEOUT
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)

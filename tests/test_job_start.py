@@ -57,3 +57,17 @@ def test_hidden_bitsandbytes_looks_absent_to_peft_and_transformers():
 )
 def test_only_qlora_and_bitsandbytes_optimizers_use_it(quantized, optim, expected):
     assert uses_bitsandbytes(quantized, optim) is expected
+
+
+def test_spec_files_are_rewritten_only_when_their_content_changes(tmp_path):
+    """The planner rewrites a spec (and so re-runs its jobs) only on a real change; 1 and 1.0 differ."""
+    from ftflow.atomic import write_if_changed
+
+    path = str(tmp_path / "spec.json")
+    assert write_if_changed(path, {"b": [1, 2], "a": 1.0, "name": "排放"})
+    text = (tmp_path / "spec.json").read_text(encoding="utf-8")
+    assert text.startswith('{\n  "a": 1.0,') and "排放" in text  # sorted, indented, unicode kept
+    assert not write_if_changed(path, {"name": "排放", "a": 1.0, "b": (1, 2)})
+    assert write_if_changed(path, {"b": [1, 2], "a": 1, "name": "排放"})
+    (tmp_path / "spec.json").write_text("{not json", encoding="utf-8")
+    assert write_if_changed(path, {"a": 1})

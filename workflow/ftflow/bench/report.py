@@ -325,3 +325,15 @@ def render_markdown(results: dict) -> str:
     if results.get("peers"):
         lines += render_peers(results["peers"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_gpu_markdown(results: dict) -> str:
+    """bench/results-gpu.md: the GPU section of a `ftflow bench --gpu` run, with the machine it ran on."""
+    lines = [
+        "# ftflow benchmarks: GPU",
+        "",
+        f"`{results['command']}` on {_machine_line(results)}; {results['date']}, "
+        f"commit {results['provenance']['git_commit'] or 'unknown'}, {results['seconds']:.0f} s (all sections).",
+        "",
+    ]
+    return "\n".join(lines + _gpu(results)).rstrip() + "\n"
