@@ -35,7 +35,17 @@ from .train_throughput import _example_counts, _examples, _shared_arguments
 
 VERSION = "0.9.5"
 TORCH = "2.13.0"  # ftflow's pin: the local CPU build, never replaced by the one LLaMA-Factory would pull
-RECORDED = ("llamafactory", "torch", "torchaudio", "transformers", "datasets", "peft", "trl", "accelerate", "tokenizers")
+RECORDED = (
+    "llamafactory",
+    "torch",
+    "torchaudio",
+    "transformers",
+    "datasets",
+    "peft",
+    "trl",
+    "accelerate",
+    "tokenizers",
+)
 TRAINER_LOG = "trainer_log.jsonl"
 DATASET = "ftflow_rows"
 
