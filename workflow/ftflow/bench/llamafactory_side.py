@@ -35,7 +35,17 @@ from .train_throughput import _example_counts, _examples, _shared_arguments
 
 VERSION = "0.9.5"
 TORCH = "2.13.0"  # ftflow's pin: the local CPU build, never replaced by the one LLaMA-Factory would pull
-RECORDED = ("llamafactory", "torch", "transformers", "datasets", "peft", "trl", "accelerate", "tokenizers")
+RECORDED = (
+    "llamafactory",
+    "torch",
+    "torchaudio",
+    "transformers",
+    "datasets",
+    "peft",
+    "trl",
+    "accelerate",
+    "tokenizers",
+)
 TRAINER_LOG = "trainer_log.jsonl"
 DATASET = "ftflow_rows"
 
@@ -62,6 +72,13 @@ def ensure_venv(root: str, log=print) -> dict:
         [python, "-m", "pip", "install", "--quiet", f"torch=={TORCH}"],
         [python, "-m", "pip", "install", "--quiet", "-c", constraints, f"llamafactory=={VERSION}"],
     ]
+    # torchvision and torchaudio have no build for torch 2.13, and PyPI's are compiled against other torch builds:
+    # their compiled operators fail to load. LLaMA-Factory's text SFT never calls them, but imports torchaudio
+    # at the top of its multimodal plugin: torchvision goes (transformers then skips it), and torchaudio keeps
+    # its Python modules without the compiled extension (torchaudio imports without one).
+    steps.append([python, "-m", "pip", "uninstall", "--yes", "--quiet", "torchvision"])
+    steps.append([python, "-c", _DROP_TORCHAUDIO_EXTENSION])
+    steps.append([python, "-c", "import llamafactory.train.tuner"])  # the CLI's import chain works
     for command in steps:
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -70,8 +87,19 @@ def ensure_venv(root: str, log=print) -> dict:
     versions = {p["name"].lower(): p["version"] for p in json.loads(listed.stdout) if p["name"].lower() in RECORDED}
     if not versions.get("torch", "").startswith(TORCH):
         raise FtflowError(f"llamafactory: its virtualenv got torch {versions.get('torch')}, not {TORCH}")
+    if "torchaudio" in versions:
+        versions["torchaudio"] += " (compiled extension removed)"
     write_json(marker, versions)
     return versions
+
+
+_DROP_TORCHAUDIO_EXTENSION = """
+import glob, importlib.util, os
+spec = importlib.util.find_spec("torchaudio")
+if spec:
+    for path in glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "*.so")):
+        os.remove(path)
+"""
 
 
 # --------------------------------------------------------------------------- the job files
