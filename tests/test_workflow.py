@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def test_every_output_path_exists(smoke_run: Path):
         log = smoke_run / "logs" / exp / "train" / "train.log"
         # progress lines: the first step and the last (a 2-step run is shorter than the interval)
         text = log.read_text()
-        assert "progress: step 1/2 (50%), loss 10.8425" in text and "progress: step 2/2 (100%)" in text, text
+        assert re.search(r"progress: step 1/2 \(50%\), loss 10\.8\d+, \d+ tokens/s", text), text
+        assert "progress: step 2/2 (100%), loss " in text, text
         assert " tokens/s (" in text and "ETA 0s" in text
         assert (smoke_run / "benchmarks" / exp / "train" / "train.tsv").exists()
     logs = {r["experiment"]: r["log"] for r in rows}
