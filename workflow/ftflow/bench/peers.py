@@ -86,7 +86,8 @@ def compare_peers(inputs, steps: int, rounds: int, run_task, sides=SIDES, method
                 data_dir=inputs.eval_data_dir,
                 eval_spec=inputs.eval,
             )
-            log(f"peers {method} {side} scored: eval loss {score['eval_loss']:.6f}, {score.get('metrics')}")
+            shown = {k: v for k, v in (score.get("metrics") or {}).items() if not isinstance(v, dict)}
+            log(f"peers {method} {side} scored: eval loss {score['eval_loss']:.6f}, {shown}")
             results[method][side] = {"runs": runs[side], "score": score}
     return results
 
