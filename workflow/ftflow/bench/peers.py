@@ -86,7 +86,8 @@ def compare_peers(inputs, steps: int, rounds: int, run_task, sides=SIDES, method
                 data_dir=inputs.eval_data_dir,
                 eval_spec=inputs.eval,
             )
-            log(f"peers {method} {side} scored: eval loss {score['eval_loss']:.6f}, {score.get('metrics')}")
+            shown = {k: v for k, v in (score.get("metrics") or {}).items() if not isinstance(v, dict)}
+            log(f"peers {method} {side} scored: eval loss {score['eval_loss']:.6f}, {shown}")
             results[method][side] = {"runs": runs[side], "score": score}
     return results
 
@@ -118,8 +119,8 @@ def score_side(base_dir: str, artifact_dir: str, method: str, merged_dir: str, d
     return out
 
 
-def _median(values):
-    return round(statistics.median(values), 4)
+def _median(values, digits: int = 4):
+    return round(statistics.median(values), digits)
 
 
 def summarize_side(side: dict) -> dict:
@@ -131,7 +132,7 @@ def summarize_side(side: dict) -> dict:
         "timed_cpu_seconds": _median([r["timed_cpu_seconds"] for r in runs]),
         "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs]),
         "peak_rss_mb_runs": [r["peak_rss_mb"] for r in runs],
-        "final_train_loss": _median([loss[-1] for loss in losses]),
+        "final_train_loss": _median([loss[-1] for loss in losses], 6),
         "losses": losses[0],  # every step of the first run (the scored one)
         "eval_loss": side["score"].get("eval_loss"),
         "metrics": side["score"].get("metrics", {}),

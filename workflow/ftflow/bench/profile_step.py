@@ -1,7 +1,7 @@
-"""Where one training step's time goes, per side: `python -m ftflow.bench.profile_step SIDE METHOD [WORK]`.
+"""Where one training step's time goes, per side: `python -m ftflow.bench.profile_step SIDE METHOD [WORK] [--smoke]`.
 
 SIDE is ftflow or trl, METHOD lora or full, WORK the bench work folder
-(default bench/work, prepared by `ftflow bench`). Trains two steps on the same
+(default bench/work, prepared by `ftflow bench`; --smoke: the tiny stand-in model). Trains two steps on the same
 examples as the peer comparison and profiles the second with torch.profiler
 (CPU); prints the operators with the most self CPU time, and writes
 WORK/profile-SIDE-METHOD.json with them.
@@ -48,7 +48,7 @@ class ProfileStep(TrainerCallback):
         ]
 
 
-def profile(side: str, method: str, work: str) -> dict:
+def profile(side: str, method: str, work: str, smoke: bool = False) -> dict:
     """Two steps of SIDE's run in the peer comparison, the second profiled."""
     from ..atomic import write_json
     from .inputs import default_configfile, prepare_inputs
@@ -56,7 +56,7 @@ def profile(side: str, method: str, work: str) -> dict:
     from .train_throughput import run_ftflow_path
     from .trl_side import run_trl_side
 
-    inputs = prepare_inputs(work, default_configfile(), smoke=False, cores=os.cpu_count() or 1, merged=False)
+    inputs = prepare_inputs(work, default_configfile(), smoke=smoke, cores=os.cpu_count() or 1, merged=False)
     callback = ProfileStep(2)
     common = dict(
         model_dir=inputs.model_dir,
@@ -79,7 +79,8 @@ def profile(side: str, method: str, work: str) -> dict:
 
 
 if __name__ == "__main__":
-    side, method, *rest = sys.argv[1:]
-    result = profile(side, method, rest[0] if rest else "bench/work")
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    side, method, *rest = [a for a in sys.argv[1:] if not a.startswith("--")]
+    result = profile(side, method, rest[0] if rest else "bench/work", smoke="--smoke" in flags)
     for row in result["top_ops"]:
         print(f"{row['self_cpu_ms']:10.1f} ms {100 * row['share']:5.1f}% {row['calls']:6d}  {row['op']}")
