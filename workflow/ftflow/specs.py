@@ -184,20 +184,12 @@ class ExperimentSpec:
     smoke: bool = False
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["format_version"] = FORMAT_VERSION
-        return data
+        return _versioned(self)
 
     @classmethod
     def from_json(cls, data: dict) -> ExperimentSpec:
         """The spec back from its config.json (what every job reads)."""
-        data = dict(data)
-        version = data.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise FtflowError(
-                f"config.json of experiment {data.get('name')!r} has format_version {version!r}, "
-                f"this ftflow writes {FORMAT_VERSION}: re-run snakemake to rewrite it"
-            )
+        data = _unversioned(data, f"config.json of experiment {data.get('name')!r}")
         data["stages"] = tuple(StageSpec.from_json(stage) for stage in data["stages"])
         data["eval"] = EvalSpec.from_json(data["eval"])
         return cls(**data)
@@ -241,15 +233,13 @@ class HarnessSpec:
     smoke: bool = False
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["format_version"] = FORMAT_VERSION
-        return data
+        return _versioned(self)
 
     @classmethod
     def read(cls, path: str) -> HarnessSpec:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-        data.pop("format_version", None)
+        data = _unversioned(data, f"harness-config.json of experiment {data.get('experiment')!r}")
         return cls(**{**data, "tasks": tuple(data["tasks"]), "stages": tuple(data["stages"])})
 
     @property
@@ -260,3 +250,21 @@ class HarnessSpec:
     def is_local_task(task: str) -> bool:
         """A local task YAML file (a path), not a harness task or group name."""
         return task.endswith((".yaml", ".yml"))
+
+
+def _versioned(spec) -> dict:
+    """A spec as the JSON a job reads, stamped with the format it was written in."""
+    data = asdict(spec)
+    data["format_version"] = FORMAT_VERSION
+    return data
+
+
+def _unversioned(data: dict, what: str) -> dict:
+    """`data` without its format_version; a file written by another format is an error naming it."""
+    data = dict(data)
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise FtflowError(
+            f"{what} has format_version {version!r}, this ftflow writes {FORMAT_VERSION}: re-run snakemake to rewrite it"
+        )
+    return data

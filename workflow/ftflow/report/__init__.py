@@ -75,9 +75,8 @@ def write_report(
     search_images = {
         s: "data:image/png;base64," + base64.b64encode(images[p]).decode() for s, p in search_plots.items()
     }
-    page = to_html(table, {name: images[name] for name in plots}, title, out_dir, where)
-    if found:  # each search's section goes before the plots
-        page = page.replace("<h2>Plots</h2>", search_html(found, search_images) + "\n<h2>Plots</h2>", 1)
+    sections = search_html(found, search_images) if found else ""
+    page = to_html(table, {name: images[name] for name in plots}, title, out_dir, where, sections)
     write_text(os.path.join(out_dir, "report.html"), page)
     # summary.csv last: it marks the step complete
     write_text(os.path.join(out_dir, "summary.csv"), to_csv(table))

@@ -168,9 +168,16 @@ def _html_row(row: Row, table: Table, report_dir: str | None) -> str:
     return f'<tr class="{" ".join(c for c in classes if c and c != "ok")}">' + "".join(cells) + "</tr>"
 
 
-def to_html(table: Table, plots: dict[str, bytes], title: str, report_dir: str | None = None, where: str = "") -> str:
+def to_html(
+    table: Table,
+    plots: dict[str, bytes],
+    title: str,
+    report_dir: str | None = None,
+    where: str = "",
+    sections: str = "",
+) -> str:
     """The report page; `report_dir`, the folder it is written to, makes the log links relative to it;
-    `where` says where the runs ran (host or image)."""
+    `where` says where the runs ran (host or image); `sections`, more HTML (a search's section) before the plots."""
     esc = html.escape
     head = "".join(
         f'<th title="{esc(description)}"{" class=setting" if kind == "setting" else ""}>{esc(label)}</th>'
@@ -211,6 +218,7 @@ def to_html(table: Table, plots: dict[str, bytes], title: str, report_dir: str |
 {abbreviations}
 {_stage_html(table)}
 {shared}
+{sections}
 <h2>Plots</h2>
 <div class="plots">
 {images}
