@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,31 @@ def dry_run_jobs(output: str) -> list[PlannedJob]:
 def planned_jobs(output: str) -> set[tuple[str, str]]:
     """{(rule, wildcards text)} of the jobs a dry run lists."""
     return {(job.rule, job.wildcards) for job in dry_run_jobs(output)}
+
+
+WARM_LINE = re.compile(r"\(warm start, pid (\d+)\)")
+
+
+def job_ended(pid: int, timeout: float = 15) -> bool:
+    """Whether process `pid` is gone (or a zombie) within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def warm_jobs_alive(logs: Path) -> list[int]:
+    """The warm-started jobs (ftflow/warm.py) named in the job logs under `logs` still running."""
+    pids = set()
+    for log in logs.rglob("*.log"):
+        pids.update(int(p) for p in WARM_LINE.findall(log.read_text(errors="replace")))
+    return sorted(pid for pid in pids if not job_ended(pid))
 
 
 def copy_config(src: Path, workdir: Path, name: str = "config.yaml") -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, REPO, snakemake
+from helpers import BIN, REPO, snakemake, warm_jobs_alive
 
 pytestmark = pytest.mark.workflow
 
@@ -118,6 +118,7 @@ def test_killed_at_every_step_then_rerun_equals_uninterrupted(tmp_path):
     for name, seen in points.items():
         if kill_when(start(work), seen):
             killed.append(name)
+            assert not warm_jobs_alive(work / "logs"), f"{name}: a warm-started job outlived its killed run"
             # a killed Snakemake leaves its lock behind, as after a machine stop
             snakemake(work, "--unlock")
         assert_no_partial_outputs(work)

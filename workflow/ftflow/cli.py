@@ -386,17 +386,48 @@ def build_parser() -> argparse.ArgumentParser:
 JOB_STEPS = (cmd_prepare_model, cmd_tokenize, cmd_train, cmd_merge, cmd_evaluate, cmd_report)
 
 
+# The steps that import torch and may start warm (warm.py): forked from a server that holds the imports.
+WARM_STEPS = (cmd_prepare_model, cmd_tokenize, cmd_train, cmd_merge, cmd_evaluate, cmd_harness)
+
+
 def where_this_job_runs() -> None:
+    from . import warm
     from .container import describe, runtime
 
     where = runtime()
-    print(f"ftflow: this job runs {describe(where)} (host {where['host']})", file=sys.stderr)
+    start = f" (warm start, pid {os.getpid()})" if warm.IN_CHILD else ""
+    print(f"ftflow: this job runs {describe(where)} (host {where['host']}){start}", file=sys.stderr)
+
+
+def _start_warm(args) -> int | None:
+    """The job's exit status when a warm server ran it; None to run it in this process."""
+    if args.func not in WARM_STEPS:
+        return None
+    from . import warm
+
+    if warm.why_cold() is not None:
+        return None
+    if args.func is cmd_train:
+        from .optional_imports import uses_bitsandbytes
+        from .specs import ExperimentSpec
+
+        try:
+            experiment = ExperimentSpec.read(args.config)
+        except (OSError, ValueError, FtflowError):
+            return None  # the cold start says what is wrong
+        stage = next((s for s in experiment.stages if s.name == args.stage), None)
+        if stage is None or uses_bitsandbytes(stage.method_info.quantized, stage.training.get("optim")):
+            return None  # the server hides bitsandbytes: QLoRA and its optimizers start cold
+    return warm.run_warm(args.argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # a data-parallel launch re-runs the same command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    warm_exit = _start_warm(args)
+    if warm_exit is not None:
+        return warm_exit
     try:
         if args.func in JOB_STEPS:
             where_this_job_runs()

@@ -1,0 +1,423 @@
+"""Warm job start: job processes forked from a server that has already imported torch.
+
+Every training, merge, eval, harness and tokenize job is its own process, and
+on a CPU machine each spends 8-13 s importing torch, transformers, peft and
+datasets before it does anything: a smoke run of the embedded default spends
+most of its time there. On such a machine the `ftflow` command of a job asks a
+per-user server that holds those imports to fork a child for it; the child
+takes the job's working folder, environment, umask, arguments and standard
+streams (passed over a Unix socket), runs the same `ftflow` command line a
+fresh process would, and its exit status comes back as the command's.
+
+When it is used (FTFLOW_WARM unset or `auto`): Linux, no NVIDIA device on
+the machine (a process forked after CUDA is touched cannot use CUDA), not in a
+container, not a SLURM job, and a job that does not need bitsandbytes (the
+server hides it: QLoRA stages start cold). FTFLOW_WARM=0 turns it off.
+Anything that goes wrong before the job is forked falls back to a cold start.
+
+Soundness: one server per key, the hash of the interpreter, ftflow's source
+files (path, size, mtime), the site-packages folders' mtimes and every
+environment variable a library may read at import (HF_*, TORCH*, OMP_*, ...);
+a job whose key differs gets its own server, so an edit of ftflow or of
+HF_HOME is never served from stale imports. The server runs no job code and no
+tensor op itself; it is single-threaded on the Python side and forks from its
+main loop. A child whose client goes away (snakemake killed with SIGKILL)
+kills itself; signals the client receives (SIGTERM, SIGINT, SIGHUP) are passed
+to the child. The server exits after IDLE_SECONDS without jobs.
+
+Standard library only at import: the client side must cost nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SWITCH = "FTFLOW_WARM"
+IDLE_SECONDS = 120.0
+READY_SECONDS = 300.0  # a server's imports on a loaded machine
+# Environment variables a library may read once, at import time.
+KEY_PREFIXES = (
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "DATASETS_",
+    "TOKENIZERS_",
+    "TORCH",
+    "PYTORCH_",
+    "CUDA_",
+    "NVIDIA_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "KMP_",
+    "BNB_",
+    "PYTHON",
+    "LD_",
+    "VIRTUAL_ENV",
+    "XDG_",
+    "FTFLOW_",
+    "APPTAINER",
+    "SINGULARITY",
+    "SLURM_",
+)
+KEY_NAMES = ("HOME", "TMPDIR", "PATH", "LANG", "LC_ALL", "TZ")
+# What the server imports once; the modules a job step imports at its top.
+PRELOAD = ("ftflow.train", "ftflow.evaluation", "ftflow.merge", "ftflow.data", "ftflow.prepare", "ftflow.harness")
+HEADER = struct.Struct("!I")
+
+# Set in a server's child: the command line it runs must not ask for a server again.
+IN_CHILD = False
+
+
+# --------------------------------------------------------------------------- when
+
+
+def why_cold(environ=os.environ) -> str | None:
+    """None when this job may start warm; otherwise the reason it starts cold."""
+    setting = environ.get(SWITCH, "auto").strip().lower()
+    if IN_CHILD:
+        return "already a warm child"
+    if setting in ("0", "off", "no", "false"):
+        return f"{SWITCH}={setting}"
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    if any(environ.get(name) for name in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")):
+        return "in a container"
+    if environ.get("SLURM_JOB_ID"):
+        return "a SLURM job"
+    if os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0"):
+        return "an NVIDIA device is present (a forked process cannot use CUDA)"
+    return None
+
+
+def _package_state(digest) -> None:
+    root = os.path.dirname(os.path.abspath(__file__))
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".json", ".yaml")):
+                st = os.stat(os.path.join(folder, name))
+                digest.update(
+                    f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}\n".encode()
+                )
+
+
+def server_key(environ=os.environ) -> str:
+    """What a server's imports depend on; equal keys may share a server."""
+    import site
+
+    digest = hashlib.sha256()
+    digest.update(f"{sys.executable}\n{sys.version}\n".encode())
+    for name in sorted(environ):
+        if name.startswith(KEY_PREFIXES) or name in KEY_NAMES:
+            digest.update(f"{name}={environ[name]}\n".encode())
+    for folder in [*site.getsitepackages(), site.getusersitepackages()]:
+        with contextlib.suppress(OSError):
+            digest.update(f"{folder}:{os.stat(folder).st_mtime_ns}\n".encode())
+    _package_state(digest)
+    return digest.hexdigest()[:20]
+
+
+def runtime_dir() -> str | None:
+    """A folder only this user can enter, for the sockets; None when there is no safe one."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    folder = os.path.join(base, f"ftflow-warm-{os.getuid()}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(folder) or os.path.islink(folder):
+        return None
+    return folder
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    if uid != os.getuid():
+        sock.close()
+        return None
+    return sock
+
+
+def _start_server(folder: str, key: str, path: str) -> socket.socket | None:
+    """Connect to the key's server, starting it first (one starter at a time) when there is none."""
+    sock = _connect(path)
+    if sock is not None:
+        return sock
+    with open(os.path.join(folder, f"{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while one server imports
+        sock = _connect(path)
+        if sock is not None:
+            return sock
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a server that died without cleaning up
+        with open(os.path.join(folder, f"{key}.log"), "ab") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "ftflow.warm", path],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd="/",
+            )
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline and server.poll() is None:
+            sock = _connect(path)
+            if sock is not None:
+                return sock
+            time.sleep(0.05)
+    return None
+
+
+def _send(sock: socket.socket, doc: dict, fds: list[int] | None = None) -> None:
+    payload = json.dumps(doc).encode()
+    head = HEADER.pack(len(payload))
+    if fds:
+        socket.send_fds(sock, [head], fds)
+    else:
+        sock.sendall(head)
+    sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ConnectionError("connection closed")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict, list[int]]:
+    fds: list[int] = []
+    if maxfds:
+        head, fds, _, _ = socket.recv_fds(sock, HEADER.size, maxfds)
+        if len(head) < HEADER.size:
+            head += _recv_exact(sock, HEADER.size - len(head))
+    else:
+        head = _recv_exact(sock, HEADER.size)
+    (size,) = HEADER.unpack(head)
+    return json.loads(_recv_exact(sock, size)), fds
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def run_warm(argv: list[str]) -> int | None:
+    """Run `ftflow ARGV` in a child of the warm server; None when it must start cold instead."""
+    if why_cold() is not None:
+        return None
+    folder = runtime_dir()
+    if folder is None:
+        return None
+    key = server_key()
+    path = os.path.join(folder, f"{key}.sock")
+    try:
+        sock = _start_server(folder, key, path)
+        if sock is None:
+            return None
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
+        _send(sock, request, [0, 1, 2])
+        started, _ = _recv(sock)
+    except (OSError, ValueError, ConnectionError):
+        return None  # nothing was forked: start cold
+    child = int(started["pid"])
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    try:
+        ended, _ = _recv(sock)
+    except (OSError, ValueError, ConnectionError):
+        print("ftflow: error: the warm job server went away during the job", file=sys.stderr)
+        return 1
+    finally:
+        sock.close()
+    if "signal" in ended:
+        signum = int(ended["signal"])
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # end the way the job ended, so snakemake sees the same
+        return 128 + signum
+    return int(ended["exit"])
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: become the job's process and run its command line; never returns."""
+    global IN_CHILD
+    IN_CHILD = True
+    code = 1
+    try:
+        for number, fd in enumerate(fds[:3]):
+            os.dup2(fd, number)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.chdir(request["cwd"])
+        os.umask(int(request["umask"]))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = ["ftflow", *request["argv"]]
+        os.setsid()
+
+        def watch() -> None:
+            # The client holds the other end; when it is gone (killed), the job must not outlive it.
+            with contextlib.suppress(OSError):
+                while conn.recv(1):
+                    pass
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="ftflow-warm-client", daemon=True).start()
+        from .cli import main
+
+        code = main(request["argv"])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # the same traceback a cold process would print
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def serve(path: str) -> None:
+    """Import the job modules, then fork a child per request until IDLE_SECONDS pass without jobs."""
+    os.environ.pop(SWITCH, None)
+    from .optional_imports import hide_bitsandbytes
+
+    hide_bitsandbytes()
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = f"{path}.{os.getpid()}"
+    listener.bind(staging)
+    listener.listen(64)
+    os.rename(staging, path)  # clients connect only once the imports are done
+    inode = os.stat(path).st_ino
+
+    woken_r, woken_w = os.pipe()
+    os.set_blocking(woken_w, False)
+    signal.set_wakeup_fd(woken_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "accept")
+    selector.register(woken_r, selectors.EVENT_READ, "child")
+    children: dict[int, socket.socket] = {}
+    idle_since = time.monotonic()
+    print(f"ftflow warm server {os.getpid()} ready at {path}", file=sys.stderr, flush=True)
+
+    while children or time.monotonic() - idle_since < IDLE_SECONDS:
+        for key, _ in selector.select(timeout=1.0):
+            if key.data == "child":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(woken_r, 512)
+            else:
+                _accept(listener, selector, children, woken_r, woken_w)
+        _reap(children)
+        if children:
+            idle_since = time.monotonic()
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+
+
+def _accept(listener, selector, children, woken_r, woken_w) -> None:
+    conn, _ = listener.accept()
+    try:
+        conn.settimeout(10)
+        request, fds = _recv(conn, maxfds=3)
+        conn.settimeout(None)
+    except (OSError, ValueError, ConnectionError):
+        conn.close()
+        return
+    pid = os.fork()
+    if pid == 0:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        selector.close()
+        listener.close()
+        for fd in (woken_r, woken_w):
+            os.close(fd)
+        for other in children.values():
+            other.close()
+        _run_child(conn, request, fds)
+    for fd in fds:
+        os.close(fd)
+    children[pid] = conn
+    try:
+        _send(conn, {"pid": pid})
+    except OSError:
+        pass  # the client is gone; its child sees that and ends
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        if os.WIFSIGNALED(status):
+            ended = {"signal": os.WTERMSIG(status)}
+        else:
+            ended = {"exit": os.waitstatus_to_exitcode(status)}
+        with contextlib.suppress(OSError):
+            _send(conn, ended)
+        conn.close()
+
+
+if __name__ == "__main__":
+    # Through the package module, not this __main__ copy: the children's IN_CHILD must be the one cli.py reads.
+    from ftflow.warm import serve as serve_imported
+
+    serve_imported(sys.argv[1])
