@@ -25,25 +25,23 @@ main loop. A child whose client goes away (snakemake killed with SIGKILL)
 kills itself; signals the client receives (SIGTERM, SIGINT, SIGHUP) are passed
 to the child. The server exits after IDLE_SECONDS without jobs.
 
-Standard library only at import: the client side must cost nothing.
+This module is the client side and the rules of when; warm_server.py is the
+server. Standard library only: the client must cost nothing.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import selectors
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 SWITCH = "FTFLOW_WARM"
@@ -75,11 +73,9 @@ KEY_PREFIXES = (
     "SLURM_",
 )
 KEY_NAMES = ("HOME", "TMPDIR", "PATH", "LANG", "LC_ALL", "TZ")
-# What the server imports once; the modules a job step imports at its top.
-PRELOAD = ("ftflow.train", "ftflow.evaluation", "ftflow.merge", "ftflow.data", "ftflow.prepare", "ftflow.harness")
 HEADER = struct.Struct("!I")
 
-# Set in a server's child: the command line it runs must not ask for a server again.
+# Set in a server's child (warm_server.py): the command line it runs must not ask for a server again.
 IN_CHILD = False
 
 
@@ -178,7 +174,7 @@ def _start_server(folder: str, key: str, path: str) -> socket.socket | None:
             os.unlink(path)  # a server that died without cleaning up
         with open(os.path.join(folder, f"{key}.log"), "ab") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "ftflow.warm", path],
+                [sys.executable, "-m", "ftflow.warm_server", path],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -194,7 +190,7 @@ def _start_server(folder: str, key: str, path: str) -> socket.socket | None:
     return None
 
 
-def _send(sock: socket.socket, doc: dict, fds: list[int] | None = None) -> None:
+def send(sock: socket.socket, doc: dict, fds: list[int] | None = None) -> None:
     payload = json.dumps(doc).encode()
     head = HEADER.pack(len(payload))
     if fds:
@@ -215,7 +211,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict, list[int]]:
+def recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict, list[int]]:
     fds: list[int] = []
     if maxfds:
         head, fds, _, _ = socket.recv_fds(sock, HEADER.size, maxfds)
@@ -248,8 +244,8 @@ def run_warm(argv: list[str]) -> int | None:
         umask = os.umask(0o022)
         os.umask(umask)
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
-        _send(sock, request, [0, 1, 2])
-        started, _ = _recv(sock)
+        send(sock, request, [0, 1, 2])
+        started, _ = recv(sock)
     except (OSError, ValueError, ConnectionError):
         return None  # nothing was forked: start cold
     child = int(started["pid"])
@@ -261,7 +257,7 @@ def run_warm(argv: list[str]) -> int | None:
     for signum in FORWARDED:
         signal.signal(signum, forward)
     try:
-        ended, _ = _recv(sock)
+        ended, _ = recv(sock)
     except (OSError, ValueError, ConnectionError):
         print("ftflow: error: the warm job server went away during the job", file=sys.stderr)
         return 1
@@ -273,151 +269,3 @@ def run_warm(argv: list[str]) -> int | None:
         os.kill(os.getpid(), signum)  # end the way the job ended, so snakemake sees the same
         return 128 + signum
     return int(ended["exit"])
-
-
-# --------------------------------------------------------------------------- server
-
-
-def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """In the forked child: become the job's process and run its command line; never returns."""
-    global IN_CHILD
-    IN_CHILD = True
-    code = 1
-    try:
-        for number, fd in enumerate(fds[:3]):
-            os.dup2(fd, number)
-        for fd in fds:
-            if fd > 2:
-                os.close(fd)
-        os.chdir(request["cwd"])
-        os.umask(int(request["umask"]))
-        os.environ.clear()
-        os.environ.update(request["env"])
-        sys.argv = ["ftflow", *request["argv"]]
-        os.setsid()
-
-        def watch() -> None:
-            # The client holds the other end; when it is gone (killed), the job must not outlive it.
-            with contextlib.suppress(OSError):
-                while conn.recv(1):
-                    pass
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        threading.Thread(target=watch, name="ftflow-warm-client", daemon=True).start()
-        from .cli import main
-
-        code = main(request["argv"])
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # the same traceback a cold process would print
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        with contextlib.suppress(BaseException):
-            atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(code if isinstance(code, int) else 1)
-
-
-def serve(path: str) -> None:
-    """Import the job modules, then fork a child per request until IDLE_SECONDS pass without jobs."""
-    os.environ.pop(SWITCH, None)
-    from .optional_imports import hide_bitsandbytes
-
-    hide_bitsandbytes()
-    import importlib
-
-    for name in PRELOAD:
-        importlib.import_module(name)
-
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = f"{path}.{os.getpid()}"
-    listener.bind(staging)
-    listener.listen(64)
-    os.rename(staging, path)  # clients connect only once the imports are done
-    inode = os.stat(path).st_ino
-
-    woken_r, woken_w = os.pipe()
-    os.set_blocking(woken_w, False)
-    signal.set_wakeup_fd(woken_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, "accept")
-    selector.register(woken_r, selectors.EVENT_READ, "child")
-    children: dict[int, socket.socket] = {}
-    idle_since = time.monotonic()
-    print(f"ftflow warm server {os.getpid()} ready at {path}", file=sys.stderr, flush=True)
-
-    while children or time.monotonic() - idle_since < IDLE_SECONDS:
-        for key, _ in selector.select(timeout=1.0):
-            if key.data == "child":
-                with contextlib.suppress(BlockingIOError):
-                    os.read(woken_r, 512)
-            else:
-                _accept(listener, selector, children, woken_r, woken_w)
-        _reap(children)
-        if children:
-            idle_since = time.monotonic()
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
-
-
-def _accept(listener, selector, children, woken_r, woken_w) -> None:
-    conn, _ = listener.accept()
-    try:
-        conn.settimeout(10)
-        request, fds = _recv(conn, maxfds=3)
-        conn.settimeout(None)
-    except (OSError, ValueError, ConnectionError):
-        conn.close()
-        return
-    pid = os.fork()
-    if pid == 0:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        selector.close()
-        listener.close()
-        for fd in (woken_r, woken_w):
-            os.close(fd)
-        for other in children.values():
-            other.close()
-        _run_child(conn, request, fds)
-    for fd in fds:
-        os.close(fd)
-    children[pid] = conn
-    try:
-        _send(conn, {"pid": pid})
-    except OSError:
-        pass  # the client is gone; its child sees that and ends
-
-
-def _reap(children: dict[int, socket.socket]) -> None:
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        conn = children.pop(pid, None)
-        if conn is None:
-            continue
-        if os.WIFSIGNALED(status):
-            ended = {"signal": os.WTERMSIG(status)}
-        else:
-            ended = {"exit": os.waitstatus_to_exitcode(status)}
-        with contextlib.suppress(OSError):
-            _send(conn, ended)
-        conn.close()
-
-
-if __name__ == "__main__":
-    # Through the package module, not this __main__ copy: the children's IN_CHILD must be the one cli.py reads.
-    from ftflow.warm import serve as serve_imported
-
-    serve_imported(sys.argv[1])
