@@ -305,3 +305,61 @@ def test_report_shows_the_benchmarks_after_each_stage(tmp_path: Path):
     with (out / "summary.csv").open() as handle:
         rows = {row["experiment"]: row for row in csv.DictReader(handle)}
     assert rows["curriculum"]["harness.my_mc.acc"] == "0.5" and rows["curriculum"]["delta_harness.my_mc.acc"] == "0.0"
+
+
+def search_harness_config() -> dict:
+    """lora with the harness defaults, searched over two learning rates: 1e-3 is lora itself, 2e-3 a new trial."""
+    raw = harness_config()
+    raw["experiments"] = {"lora": {"method": "lora"}}
+    raw["report"] = {"baseline": False}
+    raw["searches"] = {
+        "s": {
+            "base": "lora",
+            "metric": "eval_loss",
+            "sampler": "grid",
+            "space": {"training.learning_rate": [1.0e-3, 2.0e-3]},
+            "rounds": [{"trials": 2}],
+        }
+    }
+    return raw
+
+
+@pytest.mark.workflow
+def test_search_trials_get_the_bases_harness_jobs(tmp_path: Path):
+    """Once a round is planned, each trial that trains is benchmarked like any experiment (the report waits
+    for it); a trial equal to an experiment shares that experiment's benchmarks."""
+    from ftflow.config import build_plan
+    from ftflow.search import plan_round
+
+    write_tasks(tmp_path)
+    raw = search_harness_config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    plan = build_plan(raw, workdir=str(tmp_path), results=str(tmp_path / "results"))
+    plan.write_specs()
+    trials = plan.layout.search_round_trials("s", 0)
+    plan_round(plan.layout.search_round_spec("s", 0), [], trials)
+    names = plan.add_round_trials(trials)
+    (trial,) = [name for name in names if name != "lora"]
+    assert sorted(names) == sorted(["lora", trial])
+    jobs = planned_jobs(snakemake(tmp_path, "-n").stdout)
+    assert {w for rule, w in jobs if rule == "harness"} == {"experiment=lora", f"experiment={trial}"}
+    assert ("train", f"experiment={trial}, stage=train") in jobs and ("search_tell", "search=s, round=0") in jobs
+    spec = json.loads((tmp_path / "results" / trial / "harness-config.json").read_text())
+    assert spec["tasks"] == ["tasks/my_mc.yaml", "tasks/my_gen.yaml"] and spec["experiment"] == trial
+
+
+def test_a_model_folder_without_a_model_is_not_benchmarked(tmp_path: Path):
+    """A diverged or failed run's merged folder holds only its status: harness.json says so, loads nothing."""
+    from ftflow.config import build_plan
+    from ftflow.harness import run_harness
+    from ftflow.status import write_status_dir
+
+    write_tasks(tmp_path)
+    plan = build_plan(harness_config(), workdir=str(tmp_path), results=str(tmp_path / "results"))
+    plan.write_specs()
+    model = tmp_path / "merged"
+    write_status_dir(str(model), "failed", "ValueError: Target modules {'nope'} not found")
+    out = tmp_path / "harness.json"
+    result = run_harness(plan.layout.harness_config("lora"), str(model), str(out))
+    assert result["status"] == "failed" and result["tasks"] == {} and "nope" in result["reason"]
+    assert json.loads(out.read_text())["provenance"]["harness_hash"] == plan.harness["lora"].harness_hash

@@ -1,13 +1,15 @@
 """A three-round search through one real `snakemake` run in smoke mode (tests/configs/search.yaml).
 
 One module fixture runs it once; the tests read what it left: the rounds, the
-reuse of equal experiments, the diverging region's boundary, best.json and the
-study, the report's section, that nothing is left to do afterwards, and that a
-run killed in round 1 finishes on a re-run with the same trials.
+reuse of equal experiments, the diverging region's boundary, a trial whose
+training raised (recorded failed, the search went on), best.json and the study,
+the report's section, that nothing is left to do afterwards, and that a run
+killed in round 1 finishes on a re-run with the same trials.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.workflow
 
 SEARCH = "s"
 DIVERGING_LR = 1.0e20
+RANK = "lora.r,lora.lora_alpha,lora.target_modules"  # the tied setting; target module "nope" fails
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +85,40 @@ def test_the_diverging_region_is_told_worst_and_shown_as_the_boundary(searched):
 
 def test_trials_equal_to_experiments_reuse_their_results(searched):
     docs = rounds(searched)
-    ran = {
-        (t["settings"]["lora.r,lora.lora_alpha"][0], t["settings"]["training.learning_rate"]): t
-        for t in docs[0]["trials"]
-    }
+    ran = {(t["settings"][RANK][0], t["settings"]["training.learning_rate"]): t for t in docs[0]["trials"]}
     assert ran[(2, 1.0e-3)]["experiment"] == "sw-1" and ran[(2, 1.0e-3)]["reused"]  # the sweep point
     assert ran[(8, 1.0e-3)]["experiment"] == "a" and ran[(8, 1.0e-3)]["reused"]  # the base itself
-    (again,) = docs[2]["trials"]  # the grid is exhausted: an earlier trial asked again, not run again
-    (earlier,) = [t for t in docs[0]["trials"] if t["name"] == again["name"]]
-    assert again["experiment"] == earlier["experiment"] and again["state"] == earlier["state"]
-    # trained: a, sw-1, the two diverging trials and the promoted one; nothing for a reused trial
+    # trained: a, sw-1, the two diverging trials, the promoted one and the failed one; nothing for a reused trial
     diverged = [t["name"] for t in docs[0]["trials"] if t["state"] == "diverged"]
-    assert trained(searched) == sorted(["a", "sw-1", *diverged, docs[1]["trials"][0]["name"]])
+    promoted, failed = docs[1]["trials"][0]["name"], docs[2]["trials"][0]["name"]
+    assert trained(searched) == sorted(["a", "sw-1", *diverged, promoted, failed])
     assert not (searched / "results" / ran[(2, 1.0e-3)]["name"]).exists()
+
+
+def test_a_trial_whose_training_raises_is_recorded_failed_and_the_search_goes_on(searched):
+    (failed,) = rounds(searched)[2]["trials"]  # the grid's points left are the two that cannot train
+    assert failed["settings"][RANK][2] == ["nope"] and failed["experiment"] == failed["name"]
+    assert failed["state"] == "failed" and failed["value"] is None and failed["told"] is None
+    assert "Target modules {'nope'} not found" in failed["reason"]
+    results = searched / "results" / failed["name"]
+    metrics = json.loads((results / "train/train_metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["reason"] == failed["reason"]
+    assert not (results / "train/adapter").exists()
+    # merge and eval passed the status on: no model was written, none was loaded
+    assert [f for f in os.listdir(results / "train/merged") if not f.startswith(".")] == ["ftflow_status.json"]
+    assert json.loads((results / "eval/metrics.json").read_text())["status"] == "failed"
+    best = json.loads((searched / f"results/search/{SEARCH}/best.json").read_text())
+    assert best["states"] == {"complete": 3, "diverged": 2, "failed": 1}
+    assert best["failed"] == [dict({key: failed[key] for key in ("number", "name", "experiment", "reason")}, round=2)]
+    report = (searched / "results/report/report.md").read_text(encoding="utf-8")
+    assert "1 of 6 trials failed" in report and f"failed: trial 5 (round 2, experiment {failed['name']})" in report
+    with (searched / "results/report/summary.csv").open(encoding="utf-8") as handle:
+        (row,) = [row for row in csv.DictReader(handle) if row["experiment"] == failed["name"]]
+    assert row["status"] == "failed" and "Target modules" in row["note"]
+    import optuna
+
+    study = optuna.load_study(study_name=SEARCH, storage=f"sqlite:///{searched}/results/search/{SEARCH}/study.db")
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.FAIL) == 1
 
 
 def test_the_report_has_a_section_per_search(searched):

@@ -86,6 +86,16 @@ def test_a_search_plans_no_job_before_its_rounds(tmp_path):
     assert read_json(plan.layout.experiments_file()) == ["base"]
 
 
+def test_probing_a_space_over_max_length_plans_no_tokenization(tmp_path):
+    """The planner resolves the base at each max_length to check it; those resolutions are checks, not
+    experiments: no tokenization job until a trial needs one."""
+    without = build_plan(search_config(), workdir=str(tmp_path), results=str(tmp_path / "results"))
+    raw = search_config(space={**SPACE, "max_length": [48, 96]})
+    plan = build_plan(raw, workdir=str(tmp_path), results=str(tmp_path / "results"))
+    assert set(plan.data) == set(without.data)
+    assert plan.trial_data_pattern()  # a trial at a new max_length may still add one, as its round is planned
+
+
 def test_editing_a_later_round_keeps_the_earlier_rounds_specs(tmp_path):
     plan = build_plan(search_config(), workdir=str(tmp_path), results=str(tmp_path / "results"))
     plan.write_specs()
@@ -99,7 +109,7 @@ def test_editing_a_later_round_keeps_the_earlier_rounds_specs(tmp_path):
 
 def run_rounds(root, raw, values) -> list[dict]:
     """Plan and tell every round of the search, the trials' metrics given by `values(trial)`:
-    a number, or "diverged"."""
+    a number, "diverged" or "failed"."""
     plan = build_plan(raw, workdir=str(root), results=str(root / "results"))
     plan.write_specs()
     layout = plan.layout
@@ -111,8 +121,10 @@ def run_rounds(root, raw, values) -> list[dict]:
         experiments = plan.add_round_trials(layout.search_round_trials("lr-rank", k))
         for trial, experiment in zip(trials["trials"], experiments):
             value = values(trial)
-            status = "diverged" if value == "diverged" else "ok"
-            metrics = {"status": status, "exact_match": None if status == "diverged" else value}
+            status = value if value in ("diverged", "failed") else "ok"
+            metrics = {"status": status, "exact_match": value if status == "ok" else None}
+            if status == "failed":
+                metrics["reason"] = "RuntimeError: out of memory"
             write_json(layout.eval_metrics(experiment), metrics)
         tell_round(
             spec,
@@ -160,6 +172,18 @@ def test_a_trial_promoted_at_its_own_budget_is_the_same_run(tmp_path):
     assert trial["reused"] and not any(t["reused"] for t in first["trials"])
 
 
+def test_a_grid_search_never_asks_again_for_a_point_an_earlier_round_ran(tmp_path):
+    grid = [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]
+    raw = search_config(
+        sampler="grid",
+        space={"training.learning_rate": grid},
+        rounds=[{"trials": 2}, {"promote": 1}, {"trials": 2}],
+    )
+    first, _, last = run_rounds(tmp_path, raw, lr_score)
+    asked = [t["settings"]["training.learning_rate"] for doc in (first, last) for t in doc["trials"]]
+    assert sorted(asked) == grid
+
+
 def test_a_different_seed_or_space_makes_different_trials(tmp_path):
     base = run_rounds(tmp_path / "a", search_config(rounds=[{"trials": 4}]), lr_score)[0]
     seeded = run_rounds(tmp_path / "b", search_config(rounds=[{"trials": 4}], seed=1), lr_score)[0]
@@ -191,6 +215,39 @@ def test_best_and_boundary_of_a_finished_search(tmp_path):
     study = optuna.load_study(study_name="lr-rank", storage=f"sqlite:///{layout.search_study('lr-rank')}")
     assert len(study.trials) == len(trials)
     assert study.best_value == best["best"]["value"]
+
+
+def test_a_failed_trial_is_told_failed_and_counted_out_loud(tmp_path):
+    """A trial whose job raised: told to the sampler as FAIL (no value), never promoted, listed in best.json
+    with its error line and in the report's section."""
+    import optuna
+
+    from ftflow.report.searches import SearchResult, failure_lines
+
+    def score(trial):
+        return "failed" if trial["settings"]["lora.r,lora.lora_alpha"] == [32, 128] else lr_score(trial)
+
+    rounds = run_rounds(tmp_path, search_config(sampler="random"), score)
+    trials = [dict(t, round=doc["round"]) for doc in rounds for t in doc["trials"]]
+    failed = [t for t in trials if t["state"] == "failed"]
+    assert failed, "the seeded random sampler should pick r32 at least once"
+    assert all(t["told"] is None and t["reason"] == "RuntimeError: out of memory" for t in failed)
+    assert not {t["promoted_from"] for t in rounds[1]["trials"]} & {t["name"] for t in failed}
+    layout = Layout(str(tmp_path / "results"))
+    paths = [layout.search_round("lr-rank", k) for k in range(3)]
+    best = finish_search(
+        layout.search_round_spec("lr-rank", 2), paths, layout.search_best("lr-rank"), layout.search_study("lr-rank")
+    )
+    assert best["states"]["failed"] == len(failed)
+    assert [t["name"] for t in best["failed"]] == [t["name"] for t in failed]
+    study = optuna.load_study(study_name="lr-rank", storage=f"sqlite:///{layout.search_study('lr-rank')}")
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.FAIL) == len(failed)
+    lines = failure_lines(SearchResult("lr-rank", best, rounds))
+    assert lines[0].startswith(f"{len(failed)} of {len(trials)} trials failed")
+    assert lines[1] == (
+        f"failed: trial {failed[0]['number']} (round {failed[0]['round']}, experiment {failed[0]['experiment']}): "
+        "RuntimeError: out of memory"
+    )
 
 
 def test_planning_a_100_trial_search_costs_about_what_a_100_point_sweep_does(tmp_path):

@@ -94,6 +94,23 @@ def _job_gpus(gpus: int | None, who: str):
     return contextlib.nullcontext() if gpus is None else gpus_for_job(gpus, who)
 
 
+def _or_recorded_failure(args, what: str, run, record) -> int:
+    """Run a job step. For a search trial's job (--record-failure) an error is the step's result: `record`
+    writes it as the step's output (status failed and the error's line, through the same files a diverged
+    run writes), the job succeeds and the trial's round goes on. Every other job fails as usual."""
+    if not getattr(args, "record_failure", False):
+        return run()
+    try:
+        return run()
+    except Exception as err:  # any error of a trial is its outcome; a kill (a signal) is not and stays incomplete
+        from .errors import error_line
+
+        reason = error_line(err)
+        logging.exception("%s failed; recorded as this search trial's outcome: %s", what, reason)
+        record(reason)
+        return 0
+
+
 def cmd_train(args) -> int:
     from . import launch
     from .optional_imports import hide_bitsandbytes, uses_bitsandbytes
@@ -103,13 +120,21 @@ def cmd_train(args) -> int:
     stage = next((s for s in experiment.stages if s.name == args.stage), None)  # train_stage names a wrong one
     if stage is not None and not uses_bitsandbytes(stage.method_info.quantized, stage.training.get("optim")):
         hide_bitsandbytes()  # before peft and transformers are imported: they import it when they find it
-    if args.gpus is None or launch.is_data_parallel_worker():
-        return _train(args)  # torchrun's workers: the launcher already holds the slots
+    if launch.is_data_parallel_worker():
+        return _train(args)  # torchrun's workers: the launcher already holds the slots and records a failure
+
+    def record(reason: str) -> None:
+        from .train import write_failed_metrics
+
+        write_failed_metrics(args.config, args.stage, args.out, reason)
+
+    if args.gpus is None:
+        return _or_recorded_failure(args, "training", lambda: _train(args), record)
     who = f"experiment {experiment.name!r}, stage {args.stage!r} (gpus: {args.gpus})"
     with _job_gpus(args.gpus, who) as slots:
         if args.gpus > 1:
-            return launch.run_data_parallel(args.gpus, args.argv, slots)
-        return _train(args)
+            return _or_recorded_failure(args, "training", lambda: _data_parallel(args, slots), record)
+        return _or_recorded_failure(args, "training", lambda: _train(args), record)
 
 
 def _train(args) -> int:
@@ -121,34 +146,52 @@ def _train(args) -> int:
     return 0
 
 
+def _data_parallel(args, slots) -> int:
+    from . import launch
+
+    status = launch.run_data_parallel(args.gpus, args.argv, slots)
+    if status > 0 and args.record_failure:  # a negative status is a kill: no outcome to record
+        raise FtflowError(f"data-parallel training exited with status {status} (the workers' errors are above)")
+    return status
+
+
 def cmd_merge(args) -> int:
     from .atomic import read_json
     from .optional_imports import hide_bitsandbytes
 
     hide_bitsandbytes()  # a QLoRA adapter is merged onto the base loaded unquantized
-    from .merge import merge_stage
+    from .merge import merge_stage, write_failed_merge
 
     _threads(args.threads)
     metrics = read_json(args.metrics)
+
+    def merge() -> int:
+        logging.info("merge: %s", merge_stage(args.metrics, args.base, args.out))
+        return 0
+
     with _job_gpus(args.gpus, f"experiment {metrics['experiment']!r}, stage {metrics['stage']!r} merge"):
-        result = merge_stage(args.metrics, args.base, args.out)
-    logging.info("merge: %s", result)
-    return 0
+        return _or_recorded_failure(args, "merge", merge, lambda reason: write_failed_merge(args.out, reason))
 
 
 def cmd_evaluate(args) -> int:
     from .optional_imports import hide_bitsandbytes
 
     hide_bitsandbytes()  # evaluation loads merged (unquantized) models only
-    from .evaluation import evaluate_experiment
+    from .evaluation import evaluate_experiment, write_failed_eval
     from .specs import ExperimentSpec
 
     _threads(args.threads)
-    with _job_gpus(args.gpus, f"experiment {ExperimentSpec.read(args.config).name!r}, eval"):
+
+    def evaluate() -> int:
         result = evaluate_experiment(args.config, args.model, args.data, args.out)
-    shown = {k: v for k, v in result.items() if k in ("status", "eval_loss", "perplexity", "metrics", "primary_value")}
-    logging.info("eval: %s", json.dumps(shown, default=str)[:2000])
-    return 0
+        keys = ("status", "eval_loss", "perplexity", "metrics", "primary_value")
+        logging.info("eval: %s", json.dumps({k: v for k, v in result.items() if k in keys}, default=str)[:2000])
+        return 0
+
+    with _job_gpus(args.gpus, f"experiment {ExperimentSpec.read(args.config).name!r}, eval"):
+        return _or_recorded_failure(
+            args, "evaluation", evaluate, lambda reason: write_failed_eval(args.config, args.out, reason)
+        )
 
 
 def cmd_harness(args) -> int:
@@ -289,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="hold this many GPU slots of the machine and see only those devices; more than 1 trains data-parallel with torchrun",
     )
+    p.add_argument(
+        "--record-failure",
+        action="store_true",
+        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="merge a stage's adapter into its base")
@@ -299,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices (0: none)"
     )
+    p.add_argument(
+        "--record-failure",
+        action="store_true",
+        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evaluate", help="evaluate an experiment's final model")
@@ -308,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
     p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices")
+    p.add_argument(
+        "--record-failure",
+        action="store_true",
+        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("search-plan", help="choose a search round's trials (Optuna ask)")

@@ -51,3 +51,16 @@ def in_stage(experiment: str, stage: str | None) -> Iterator[None]:
         raise
     except FtflowError as e:
         raise StageError(experiment, stage, str(e)) from None
+
+
+ERROR_LINE_CHARS = 300  # a recorded reason quotes at most this much of an error
+
+
+def error_line(err: BaseException) -> str:
+    """The one line that says why a job failed: an FtflowError's own message (it names where and how),
+    else the exception's type and the first line of its message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, FtflowError) and lines:
+        return lines[0][:ERROR_LINE_CHARS]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text[:ERROR_LINE_CHARS]

@@ -316,6 +316,22 @@ def prediction_rows(tokenizer, test, generated: list[dict], predictions: list[st
     return rows
 
 
+def write_failed_eval(config_path: str, out_dir: str, reason: str) -> dict:
+    """A search trial's evaluation that raised: no predictions, and metrics.json saying `failed` and why."""
+    experiment = ExperimentSpec.read(config_path)
+    os.makedirs(out_dir, exist_ok=True)
+    result = {
+        "experiment": experiment.name,
+        "baseline": experiment.baseline,
+        "dataset": experiment.eval.dataset,
+        "split": experiment.eval.split,
+        "primary_metric": experiment.eval.primary_metric,
+        "status": "failed",
+        "reason": f"evaluate: {reason}",
+    }
+    return write_outputs(out_dir, experiment, result, rows=[])
+
+
 def write_outputs(out_dir: str, experiment: ExperimentSpec, result: dict, rows: list[dict]) -> dict:
     """Predictions first, metrics.json last: it marks the step complete."""
     write_text(

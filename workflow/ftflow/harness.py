@@ -7,6 +7,9 @@ the job's device). Each task is loaded once before the model: a hub task
 that cannot be reached offline fails the job with one line naming the task
 and what to set, before any time is spent on the others.
 
+A model folder that holds no model (its run diverged or failed, status.py)
+is not loaded: harness.json records that status and why, with no tasks.
+
 The output, per task: every metric with its standard error, the main metric
 (the task's first), the number of examples scored, n-shot, the task version,
 plus the harness version, the settings and ftflow's provenance.
@@ -24,6 +27,7 @@ from .atomic import write_json
 from .errors import FtflowError
 from .provenance import provenance
 from .specs import HarnessSpec
+from .status import read_status, status_reason
 
 log = logging.getLogger(__name__)
 HUB_HINT = (
@@ -36,6 +40,19 @@ def run_harness(spec_path: str, model_dir: str, out: str, stage: str | None = No
     """Benchmark the model in `model_dir` on the spec's tasks; write `out` (atomically) and return it."""
     spec = HarnessSpec.read(spec_path)
     who = f"experiment {spec.experiment!r}" + (f", after stage {stage!r}" if stage else "")
+    status = read_status(model_dir)
+    if status != "ok":  # diverged or failed upstream (a search's trial, say): no model to benchmark
+        result = {
+            "experiment": spec.experiment,
+            "stage": stage,
+            "model_dir": model_dir,
+            "status": status,
+            "reason": status_reason(model_dir),
+            "tasks": {},
+            "provenance": {**provenance(spec.config_hash), "harness_hash": spec.harness_hash},
+        }
+        write_json(out, result)
+        return result
     started = time.perf_counter()
     import lm_eval
     from lm_eval.models.huggingface import HFLM

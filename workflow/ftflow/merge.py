@@ -46,6 +46,12 @@ def merge_stage(metrics_path: str, base_dir: str, out: str) -> dict:
     return {**info, "status": "ok"}
 
 
+def write_failed_merge(out: str, reason: str) -> None:
+    """A search trial's merge that raised: a placeholder folder saying `failed` and why (never a model)."""
+    with atomic_dir(out) as tmp:
+        write_status_dir(tmp, "failed", f"merge: {reason}")
+
+
 def merge_dtype(metrics: dict) -> torch.dtype:
     """The compute dtype a quantized stage trained in (train records its quantization section)."""
     compute = (metrics.get("quantization") or {}).get("compute_dtype", "float32")

@@ -98,13 +98,17 @@ def make_sampler(spec: dict, k: int):
     if spec["sampler"] == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec["sampler"] == "grid":
-        return optuna.samplers.GridSampler(grid_space(spec["space"]), seed=seed)
+        # One shuffled order of the grid for every round, walked on from where the trials so far stopped:
+        # GridSampler gives trial number i < grid size the i-th point of its order, so a per-round shuffle
+        # would hand later rounds points already run (grid_point marks those for the rest of the walk).
+        return optuna.samplers.GridSampler(grid_space(spec["space"]), seed=spec["seed"] * 1000)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
-def told_trials(spec: dict, rounds: list[dict]) -> list:
+def told_trials(spec: dict, rounds: list[dict], grid=None) -> list:
     """The finished trials of earlier rounds as Optuna FrozenTrials: a diverged one told as the worst value
-    so far (so the sampler learns where the boundary is), a failed one as failed."""
+    so far (so the sampler learns where the boundary is), a failed one as failed. With a GridSampler
+    (`grid`), each is marked as the grid point it ran, so no later round asks for it again."""
     import optuna
 
     dists = distributions(spec["space"])
@@ -113,6 +117,10 @@ def told_trials(spec: dict, rounds: list[dict]) -> list:
         for trial in doc["trials"]:
             params = {name: _encode(value) for name, value in trial["settings"].items()}
             told = trial.get("told")
+            # A failed trial (its job raised: out of memory, a setting its library refused, a lost node) is
+            # told as FAIL, not as the worst value: the failure says nothing about the metric there, and a
+            # fake worst value would steer the sampler away from settings that may score well once they run.
+            # TPE leaves FAIL trials out of its model; a diverged run is a measured outcome, told the worst.
             state = optuna.trial.TrialState.COMPLETE if told is not None else optuna.trial.TrialState.FAIL
             frozen.append(
                 optuna.trial.create_trial(
@@ -121,19 +129,34 @@ def told_trials(spec: dict, rounds: list[dict]) -> list:
                     value=told,
                     state=state,
                     user_attrs={"experiment": trial["experiment"], "round": doc["round"], "state": trial["state"]},
+                    system_attrs=grid_point(grid, params) if grid is not None else None,
                 )
             )
     return frozen
+
+
+def grid_point(grid, params: dict) -> dict:
+    """The system attributes by which Optuna's GridSampler knows a finished trial's point as visited: its
+    index in that sampler's (seeded, shuffled) grid and the grid's search space. A trial told from a round
+    file has neither, and without them every round would draw from the whole grid, earlier points included.
+    These are GridSampler's own bookkeeping (private names of the pinned Optuna version; the search tests
+    would catch a change)."""
+    point = tuple(params[name] for name in grid._param_names)
+    if point not in grid._all_grids:
+        return {}
+    return {"grid_id": grid._all_grids.index(point), "search_space": grid._search_space}
 
 
 def build_study(spec: dict, rounds: list[dict], k: int, storage: str | None = None):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = make_sampler(spec, k)
     study = optuna.create_study(
-        storage=storage, study_name=spec["search"], direction=spec["direction"], sampler=make_sampler(spec, k)
+        storage=storage, study_name=spec["search"], direction=spec["direction"], sampler=sampler
     )
-    study.add_trials(told_trials(spec, rounds))
+    grid = sampler if isinstance(sampler, optuna.samplers.GridSampler) else None
+    study.add_trials(told_trials(spec, rounds, grid))
     return study
 
 
@@ -266,6 +289,12 @@ def finish_search(spec_path: str, rounds_paths: list[str], best_out: str, study_
         "states": {state: sum(t["state"] == state for t in trials) for state in STATES},
         # each experiment once: a promoted or reused trial trained nothing new
         "train_tokens": sum({t["experiment"]: t.get("train_tokens") or 0 for t in trials}.values()),
+        # said out loud: which trials failed and why (the error's line, from the job that raised)
+        "failed": [
+            {key: t.get(key) for key in ("number", "round", "name", "experiment", "reason")}
+            for t in trials
+            if t["state"] == "failed"
+        ],
         "best": None,
         "boundary": boundaries(spec, trials),
         "importances": importances,

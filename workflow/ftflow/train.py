@@ -376,6 +376,16 @@ def peak_memory_mb(device: str) -> dict:
     return peak
 
 
+def write_failed_metrics(config_path: str, stage_name: str, out_dir: str, reason: str) -> dict:
+    """A search trial's stage whose training raised: train_metrics.json says `failed` and why, and no
+    artifact is written, so merge and eval pass the status on (as for a diverged stage) instead of loading
+    a model. Checkpoints stay: a forced re-run of the trial resumes from them."""
+    experiment = ExperimentSpec.read(config_path)
+    return write_metrics(
+        os.path.join(out_dir, METRICS_FILE), experiment, stage_of(experiment, stage_name), "failed", reason=reason
+    )
+
+
 def write_metrics(path: str, experiment: ExperimentSpec, stage: StageSpec, status: str, **extra) -> dict:
     data = {
         "experiment": experiment.name,

@@ -145,6 +145,19 @@ def get_eval_gpus(wildcards):
     return min(1, max(declared)) if declared else DEFAULT_GPUS
 
 
+@input_function
+def get_failure_flag(wildcards):
+    """`--record-failure` for a search trial's own jobs: its failure is recorded as its outcome (status
+    failed), so the round goes on; an experiment of the config (even one a trial reuses) fails loudly.
+    """
+    trials = PLAN.trials.experiment_of
+    return (
+        "--record-failure"
+        if trials.get(wildcards.experiment) == wildcards.experiment
+        else ""
+    )
+
+
 def get_earlier_rounds(wildcards):
     """round-{j}.json of every round of the search before this one, in order."""
     return [
@@ -181,13 +194,28 @@ def get_harness_model(wildcards):
     return get_eval_model(wildcards)
 
 
-def get_harness_outputs():
-    """eval/harness.json of every experiment with eval.harness tasks, and its every_stage results."""
+def get_harness_outputs(names=None):
+    """eval/harness.json of every experiment (or of `names`) with eval.harness tasks, and its every_stage results."""
     paths = []
-    for name, spec in PLAN.harness.items():
-        paths.append(LAYOUT.harness_results(name))
-        paths.extend(LAYOUT.harness_results(name, stage) for stage in spec.stages)
+    for name in PLAN.harness if names is None else names:
+        spec = PLAN.harness.get(name)
+        if spec is not None:
+            paths.append(LAYOUT.harness_results(name))
+            paths.extend(LAYOUT.harness_results(name, stage) for stage in spec.stages)
     return paths
+
+
+def get_trial_harness_outputs(wildcards):
+    """The benchmarks of every search trial, as its round is planned (a trial's eval.harness is its base's).
+
+    The report waits for them, the search's rounds do not: a search's metric is a number of its task eval.
+    """
+    names = []
+    for search, spec in PLAN.searches.items():
+        for k in range(len(spec.rounds)):
+            planned = checkpoints.search_plan.get(search=search, round=k)
+            names.extend(PLAN.add_round_trials(planned.output.trials))
+    return get_harness_outputs(dict.fromkeys(names))
 
 
 # Inputs, params and resources that are the same for every job of a rule are given as values, not
@@ -201,6 +229,8 @@ GPUS_DECLARED = any(s.gpus is not None for s in STAGES) or (
 )
 STAGE_GPUS = get_stage_gpus if GPUS_DECLARED else DEFAULT_GPUS
 EVAL_GPUS = get_eval_gpus if GPUS_DECLARED else DEFAULT_GPUS
+RECORD_FAILURE = get_failure_flag if PLAN.searches else ""
+TRIAL_HARNESS = get_trial_harness_outputs if PLAN.searches else []
 
 
 def get_report_inputs(wildcards=None):
@@ -211,7 +241,11 @@ def get_report_inputs(wildcards=None):
         paths.append(LAYOUT.eval_metrics(exp.name))
         paths.extend(LAYOUT.train_metrics(exp.name, s.name) for s in exp.stages)
     paths.extend(LAYOUT.search_best(name) for name in PLAN.searches)
-    paths.extend(get_harness_outputs())
+    trials = PLAN.trials.experiment_of if PLAN.trials else {}
+    # a trial's benchmarks come through the report's trial_harness input, as its round is planned
+    paths.extend(
+        get_harness_outputs([name for name in PLAN.harness if name not in trials])
+    )
     return paths
 
 

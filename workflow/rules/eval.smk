@@ -20,6 +20,7 @@ rule evaluate:
         runtime=240,
     params:
         out=LAYOUT.eval_dir("{experiment}"),
+        on_failure=RECORD_FAILURE,
     shell:
         "ftflow evaluate --config {input.config} --model {input.model} --data {input.data}"
-        " --out {params.out} --threads {threads} --gpus {resources.gpu} > {log} 2>&1"
+        " --out {params.out} --threads {threads} --gpus {resources.gpu} {params.on_failure} > {log} 2>&1"

@@ -15,6 +15,8 @@ rule merge:
         gpu=0,
         mem_mb=16000,
         runtime=60,
+    params:
+        on_failure=RECORD_FAILURE,
     shell:
         "ftflow merge --metrics {input.metrics} --base {input.base} --out {output} --threads {threads}"
-        " --gpus {resources.gpu} > {log} 2>&1"
+        " --gpus {resources.gpu} {params.on_failure} > {log} 2>&1"

@@ -2,6 +2,7 @@ rule report:
     """One row per experiment: varied settings, cost, losses, task metrics, status."""
     input:
         get_report_inputs(),
+        trial_harness=TRIAL_HARNESS,
         # written by the planner, rewritten only when the list of experiments changes
         experiments=LAYOUT.experiments_file(),
     output:

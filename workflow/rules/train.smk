@@ -21,7 +21,8 @@ rule train:
     params:
         adapter=ADAPTER_FLAG,
         out=LAYOUT.stage_dir("{experiment}", "{stage}"),
+        on_failure=RECORD_FAILURE,
     shell:
         "ftflow train --config {input.config} --stage {wildcards.stage} --base {input.base}"
         " --data {input.data} --out {params.out} {params.adapter} --threads {threads}"
-        " --gpus {resources.gpu} > {log} 2>&1"
+        " --gpus {resources.gpu} {params.on_failure} > {log} 2>&1"

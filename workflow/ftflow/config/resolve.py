@@ -9,6 +9,7 @@ untuned baselines. Nothing here imports torch or transformers, so planning a
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from ..specs import (
 )
 from .checks import check_choice, check_keys, check_name
 from .datasets import FileHashCache, resolve_dataset, source_fingerprint, template_text, tokenization_settings
-from .harness import drop_stale_harness_configs, harness_settings, resolve_harness_jobs
+from .harness import drop_stale_harness_configs, harness_settings, resolve_harness, resolve_harness_jobs
 from .loading import deep_merge, normalize_raw
 from .schema import (
     DEFAULT_KEYS,
@@ -85,12 +86,18 @@ class Plan:
         return "|" + "|".join(f"{re.escape(name)}-[0-9a-f]{{12}}" for name in self.datasets)
 
     def write_experiment_specs(self, experiments: list[ExperimentSpec]) -> list[str]:
-        """config.json of these experiments and the spec of each tokenization they use, where changed."""
+        """config.json of these experiments, the spec of each tokenization they use and their
+        harness-config.json (eval.harness), where changed."""
         specs: list[tuple[str, Any]] = [(self.layout.experiment_config(exp.name), exp.to_json()) for exp in experiments]
         data_ids = {d for exp in experiments for s in exp.stages for d in s.data_ids} | {
             e.eval.data_id for e in experiments
         }
         specs.extend(self._data_spec(data_id) for data_id in sorted(data_ids))
+        specs += [
+            (self.layout.harness_config(e.name), self.harness[e.name].to_json())
+            for e in experiments
+            if e.name in self.harness
+        ]
         return [path for path, spec in specs if write_if_changed(path, spec)]
 
     def _data_spec(self, data_id: str) -> tuple[str, dict]:
@@ -174,6 +181,14 @@ class DataJobs:
             if smoke
             else None
         )
+        self.plans_jobs = True  # False in a probe(): ids handed out, no job planned
+
+    def probe(self) -> DataJobs:
+        """The same data_ids (and caches), planning no tokenization job: what a search's probes resolve
+        with, since a probe is a check, not an experiment that runs."""
+        view = copy.copy(self)
+        view.plans_jobs = False
+        return view
 
     def dataset_settings(self, dataset: DatasetSpec) -> dict:
         """What of the dataset changes its tokens, with its source's content hash: computed once
@@ -206,7 +221,7 @@ class DataJobs:
         }
         # The name prefix keeps results/data/ readable; the hash covers exactly the settings.
         data_id = f"{dataset.name}-{content_hash(settings, 12)}"
-        if data_id not in self.jobs:
+        if self.plans_jobs and data_id not in self.jobs:
             self.jobs[data_id] = DataSpec(
                 data_id=data_id,
                 dataset=dataset,
@@ -250,7 +265,12 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
     def resolve_trial(name: str, exp: dict) -> ExperimentSpec:
         return resolve_experiment(name, exp, defaults, models, datasets, data, smoke)
 
-    searches = _check_searches_quietly(raw, experiments, data, resolve_trial)
+    probe_data = data.probe()
+
+    def resolve_probe(name: str, exp: dict) -> ExperimentSpec:
+        return resolve_experiment(name, exp, defaults, models, datasets, probe_data, smoke)
+
+    searches = check_searches(raw, experiments, resolve_probe)
     if report["baseline"]:
         add_baselines(experiments)
     harness_jobs = resolve_harness_jobs(experiments, harness, workdir, smoke)
@@ -266,21 +286,15 @@ def build_plan(raw: dict, workdir: str = ".", results: str = "results", check_sc
         searches=searches,
         harness=harness_jobs,
     )
+
+    def resolve_trial_harness(name: str, exp: dict, spec: ExperimentSpec) -> HarnessSpec | None:
+        path = f"searches.{spec.sweep} (trial {name})"
+        return resolve_harness(path, spec, harness_settings(path, defaults, exp), workdir, smoke)
+
     if searches:
-        plan.trials = SearchTrials(plan, resolve_trial)
+        plan.trials = SearchTrials(plan, resolve_trial, resolve_trial_harness)
         plan.trials.add_rounds_on_disk()
     return plan
-
-
-def _check_searches_quietly(raw, experiments, data, resolve_trial) -> dict:
-    """check_searches, leaving no tokenization job behind for the probes it resolves."""
-    if not raw.get("searches"):
-        return {}
-    before = set(data.jobs)
-    searches = check_searches(raw, experiments, resolve_trial)
-    for data_id in set(data.jobs) - before:
-        del data.jobs[data_id]
-    return searches
 
 
 def resolve_model(name: str, raw: Any) -> ModelSpec:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..atomic import read_json
 from ..errors import ConfigError
 from ..hashing import content_hash
-from ..specs import ExperimentSpec
+from ..specs import ExperimentSpec, HarnessSpec
 from .checks import check_name, did_you_mean
 from .schema import primary_metric_choices
 from .sweeps import _check_override_key, _set_dotted
@@ -41,6 +41,8 @@ TRIAL_HASH_CHARS = 8  # trial names are `{search}-{8 hex digits}`
 _NOT_IDENTITY = ("name", "description", "sweep", "sweep_params")
 
 Resolver = Callable[[str, dict], ExperimentSpec]
+# (trial name, its raw experiment, its spec) -> its eval.harness benchmarks, or None without tasks
+HarnessResolver = Callable[[str, dict, ExperimentSpec], HarnessSpec | None]
 
 
 @dataclass(frozen=True)
@@ -246,9 +248,10 @@ class SearchTrials:
     only when its content changes.
     """
 
-    def __init__(self, plan, resolve: Resolver):
+    def __init__(self, plan, resolve: Resolver, resolve_harness: HarnessResolver | None = None):
         self.plan = plan
         self.resolve = resolve
+        self.resolve_harness = resolve_harness
         self.experiment_of: dict[str, str] = {}  # trial name -> the experiment that runs it
         self._by_identity: dict[str, str] | None = None
 
@@ -268,13 +271,18 @@ class SearchTrials:
         for trial in trials_doc["trials"]:
             name = trial["name"]
             if name not in self.experiment_of:
+                raw = search.trial_raw(trial)
                 try:
-                    exp = self.resolve(name, search.trial_raw(trial))
+                    exp = self.resolve(name, raw)
                 except ConfigError as err:
                     raise ConfigError(f"searches.{search.name} (trial {name})", str(err)) from None
                 known = self._identities().setdefault(identity(exp), name)
                 if known == name:
                     self.plan.experiments[name] = exp
+                    # the base's eval.harness benchmarks, run on the trial's model like any experiment's
+                    harness = self.resolve_harness(name, raw, exp) if self.resolve_harness else None
+                    if harness is not None:
+                        self.plan.harness[name] = harness
                     new.append(exp)
                 self.experiment_of[name] = known
             names.append(self.experiment_of[name])

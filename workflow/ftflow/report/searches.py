@@ -76,6 +76,22 @@ def boundary_lines(result: SearchResult) -> list[str]:
     ]
 
 
+def failure_lines(result: SearchResult) -> list[str]:
+    """How many trials failed, then each one and its error's line (best.json's `failed`)."""
+    failed = result.best.get("failed") or []
+    if not failed:
+        return []
+    head = (
+        f"{len(failed)} of {result.best['trials']} trials failed: told to the sampler as failed (no value), "
+        "never re-run by a later run; delete a trial's folder under results/ to run it again"
+    )
+    each = [
+        f"failed: trial {t['number']} (round {t['round']}, experiment {t['experiment']}): {t.get('reason') or 'no reason recorded'}"
+        for t in failed
+    ]
+    return [head, *each]
+
+
 def rounds_table(result: SearchResult) -> tuple[list[str], list[list[str]]]:
     """The rounds table: one row per round (kind, budget, trials, states, best value)."""
     header = [
@@ -135,6 +151,7 @@ def to_markdown(results: list[SearchResult], plots: dict[str, str]) -> str:
         tokens = format_value("count", result.best.get("train_tokens"))
         out.append(f"{result.best['trials']} trials in {len(result.rounds)} rounds, {tokens} tokens trained.")
         out += ["", f"- {_best_line(result)}"]
+        out += [f"- {line}" for line in failure_lines(result)]
         out += [f"- {line}" for line in boundary_lines(result)]
         if _importance_text(result):
             out.append(f"- importance of the settings (Optuna PED-ANOVA): {_importance_text(result)}")
@@ -153,7 +170,7 @@ def to_html(results: list[SearchResult], images: dict[str, str]) -> str:
     out = []
     for result in results:
         header, rows = rounds_table(result)
-        items = [_best_line(result), *boundary_lines(result)]
+        items = [_best_line(result), *failure_lines(result), *boundary_lines(result)]
         if _importance_text(result):
             items.append(f"importance of the settings (Optuna PED-ANOVA): {_importance_text(result)}")
         out.append(f"<h2>Search {esc(result.name)}</h2>")
