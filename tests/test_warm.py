@@ -110,6 +110,15 @@ def test_a_failing_job_ends_the_same_warm_or_cold(long_job, tmp_path):
     assert runs["auto"][:2] == runs["0"][:2]
     assert runs["auto"][0] != 0
 
+    # A server that cannot start (here: its socket path is longer than a Unix socket's limit)
+    # is said out loud, and the job runs cold with the same outcome.
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir(mode=0o700)
+    proc = subprocess.run(bad, capture_output=True, text=True, env={**env, "XDG_RUNTIME_DIR": str(deep)}, timeout=300)
+    assert "ftflow: warm start unavailable: the warm job server exited with status 1" in proc.stderr, proc.stderr
+    assert not WARM_LINE.search(proc.stderr)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == runs["0"][:2]
+
 
 def test_the_server_key_follows_what_imports_read():
     base = {"PATH": "/usr/bin", "HOME": "/root"}

@@ -160,19 +160,21 @@ def _connect(path: str) -> socket.socket | None:
     return sock
 
 
-def _start_server(folder: str, key: str, path: str) -> socket.socket | None:
-    """Connect to the key's server, starting it first (one starter at a time) when there is none."""
+def _start_server(folder: str, key: str, path: str) -> tuple[socket.socket | None, str | None]:
+    """Connect to the key's server, starting it first (one starter at a time) when there is none;
+    (None, why) when it could not be started."""
     sock = _connect(path)
     if sock is not None:
-        return sock
+        return sock, None
+    log_path = os.path.join(folder, f"{key}.log")
     with open(os.path.join(folder, f"{key}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while one server imports
         sock = _connect(path)
         if sock is not None:
-            return sock
+            return sock, None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a server that died without cleaning up
-        with open(os.path.join(folder, f"{key}.log"), "ab") as log:
+        with open(log_path, "ab") as log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "ftflow.warm_server", path],
                 stdin=subprocess.DEVNULL,
@@ -185,9 +187,12 @@ def _start_server(folder: str, key: str, path: str) -> socket.socket | None:
         while time.monotonic() < deadline and server.poll() is None:
             sock = _connect(path)
             if sock is not None:
-                return sock
+                return sock, None
             time.sleep(0.05)
-    return None
+        if server.poll() is None:
+            server.kill()
+            return None, f"the warm job server was not ready within {READY_SECONDS:.0f} s"
+        return None, f"the warm job server exited with status {server.returncode} (its log: {log_path})"
 
 
 def send(sock: socket.socket, doc: dict, fds: list[int] | None = None) -> None:
@@ -235,9 +240,11 @@ def run_warm(argv: list[str]) -> int | None:
         return None
     key = server_key()
     path = os.path.join(folder, f"{key}.sock")
+    sock = None
     try:
-        sock = _start_server(folder, key, path)
+        sock, why = _start_server(folder, key, path)
         if sock is None:
+            print(f"ftflow: warm start unavailable: {why}; this job starts cold", file=sys.stderr)
             return None
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -247,7 +254,9 @@ def run_warm(argv: list[str]) -> int | None:
         send(sock, request, [0, 1, 2])
         started, _ = recv(sock)
     except (OSError, ValueError, ConnectionError):
-        return None  # nothing was forked: start cold
+        if sock is not None:
+            sock.close()  # a child forked all the same sees its client gone and ends
+        return None  # start cold
     child = int(started["pid"])
 
     def forward(signum, _frame):

@@ -72,14 +72,17 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
 def serve(path: str) -> None:
     """Import the job modules, then fork a child per request until warm.IDLE_SECONDS pass without jobs."""
     os.environ.pop(warm.SWITCH, None)
-    hide_bitsandbytes()
-    for name in PRELOAD:
-        importlib.import_module(name)
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staging = f"{path}.{os.getpid()}"
-    listener.bind(staging)
+    listener.bind(staging)  # first: a socket that cannot be made fails before seconds of imports
     listener.listen(64)
+    try:
+        hide_bitsandbytes()
+        for name in PRELOAD:
+            importlib.import_module(name)
+    except BaseException:
+        os.unlink(staging)  # the traceback goes to the server's log, which the client names
+        raise
     os.rename(staging, path)  # clients connect only once the imports are done
     inode = os.stat(path).st_ino
 
