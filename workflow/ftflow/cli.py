@@ -111,14 +111,26 @@ def _or_recorded_failure(args, what: str, run, record) -> int:
         return 0
 
 
-def cmd_train(args) -> int:
-    from . import launch
-    from .optional_imports import hide_bitsandbytes, uses_bitsandbytes
+def _train_stage(args):
+    """A train job's experiment and its stage `--stage` (None for a wrong name: train_stage names it)."""
     from .specs import ExperimentSpec
 
     experiment = ExperimentSpec.read(args.config)
-    stage = next((s for s in experiment.stages if s.name == args.stage), None)  # train_stage names a wrong one
-    if stage is not None and not uses_bitsandbytes(stage.method_info.quantized, stage.training.get("optim")):
+    return experiment, next((s for s in experiment.stages if s.name == args.stage), None)
+
+
+def _needs_bitsandbytes(stage) -> bool:
+    from .optional_imports import uses_bitsandbytes
+
+    return uses_bitsandbytes(stage.method_info.quantized, stage.training.get("optim"))
+
+
+def cmd_train(args) -> int:
+    from . import launch
+    from .optional_imports import hide_bitsandbytes
+
+    experiment, stage = _train_stage(args)
+    if stage is not None and not _needs_bitsandbytes(stage):
         hide_bitsandbytes()  # before peft and transformers are imported: they import it when they find it
     if launch.is_data_parallel_worker():
         return _train(args)  # torchrun's workers: the launcher already holds the slots and records a failure
@@ -290,6 +302,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_record_failure(p) -> None:
+    p.add_argument(
+        "--record-failure",
+        action="store_true",
+        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftflow", description="Fine-tuning experiments as a Snakemake workflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -332,11 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="hold this many GPU slots of the machine and see only those devices; more than 1 trains data-parallel with torchrun",
     )
-    p.add_argument(
-        "--record-failure",
-        action="store_true",
-        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
-    )
+    _add_record_failure(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="merge a stage's adapter into its base")
@@ -347,11 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices (0: none)"
     )
-    p.add_argument(
-        "--record-failure",
-        action="store_true",
-        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
-    )
+    _add_record_failure(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evaluate", help="evaluate an experiment's final model")
@@ -361,11 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int)
     p.add_argument("--gpus", type=int, help="hold this many GPU slots of the machine and see only those devices")
-    p.add_argument(
-        "--record-failure",
-        action="store_true",
-        help="a search trial's job: record an error as the step's outcome (status failed) instead of failing the job",
-    )
+    _add_record_failure(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("search-plan", help="choose a search round's trials (Optuna ask)")
@@ -466,15 +474,11 @@ def _start_warm(args) -> int | None:
     if warm.why_cold() is not None:
         return None
     if args.func is cmd_train:
-        from .optional_imports import uses_bitsandbytes
-        from .specs import ExperimentSpec
-
         try:
-            experiment = ExperimentSpec.read(args.config)
+            _, stage = _train_stage(args)
         except (OSError, ValueError, FtflowError):
             return None  # the cold start says what is wrong
-        stage = next((s for s in experiment.stages if s.name == args.stage), None)
-        if stage is None or uses_bitsandbytes(stage.method_info.quantized, stage.training.get("optim")):
+        if stage is None or _needs_bitsandbytes(stage):
             return None  # the server hides bitsandbytes: QLoRA and its optimizers start cold
     return warm.run_warm(args.argv)
 
