@@ -8,6 +8,8 @@ architecture family with the embedded tokenizer, so nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib.util
 import logging
@@ -66,15 +68,56 @@ def guess_arch(spec: dict) -> str:
     return "llama"
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within this block, transformers parses each GGUF file once, and fast.
+
+    Loading a model and its tokenizer from a GGUF file, transformers parses the
+    file three times (config, tokenizer, weights), each time slicing the file's
+    numpy memmap element by element (~100k vocabulary strings: 9 s a parse for
+    the embedded model on this CPU), and rebuilds gguf's tensor-name map once
+    per module (~400 times, 12 s). Here the reader slices a plain array view of
+    the same mapping (no copy), each file is parsed once and each name map
+    built once; the model and tokenizer that come out are the same.
+    """
+    import gguf
+    import numpy as np
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    class PlainArrayReader(reader_class):
+        @property
+        def data(self):
+            return self._mapped
+
+        @data.setter
+        def data(self, value):
+            self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    @functools.lru_cache(maxsize=None)
+    def read(path, mode="r"):
+        return PlainArrayReader(path, mode)
+
+    def reader(path, mode="r"):
+        return read(os.path.realpath(path), mode) if mode == "r" else reader_class(path, mode)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_gguf(path: str, dtype: str = "float32"):
     """Load a GGUF checkpoint de-quantized, ready for `save_pretrained`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch_dtype)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch_dtype)
     # The GGUF loader marks the model quantized although its weights are de-quantized
     # tensors; save_pretrained refuses such a model until the marker is cleared.
     model.hf_quantizer = None
@@ -88,7 +131,8 @@ def embedded_tokenizer():
 
     path = package_file(EMBEDDED_PACKAGE, EMBEDDED_FILE)
     folder, file = os.path.split(path)
-    return AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    with gguf_read_once():
+        return AutoTokenizer.from_pretrained(folder, gguf_file=file)
 
 
 def tiny_model(arch: str, tokenizer, seed: int = 0):
