@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, planned_jobs, snakemake
+from helpers import REPO, WARM_LINE, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -76,6 +76,11 @@ def test_every_output_path_exists(smoke_run: Path):
     logs = {r["experiment"]: r["log"] for r in rows}
     assert logs == {**{exp: f"logs/{exp}/train/train.log" for exp in TUNED}, "baseline": "logs/baseline/eval.log"}
     assert '<a href="../../logs/a/train/train.log">' in html  # the report links each run's log
+    # a warm job's log gives its peak memory and CPU time (its benchmark file measures the client)
+    train_log = (smoke_run / "logs" / "a" / "train" / "train.log").read_text()
+    assert not WARM_LINE.search(train_log) or re.search(
+        r"ftflow: warm job \d+ used peak RSS \d+\.\d\d GiB and \d+\.\d s of CPU", train_log
+    ), train_log[-2000:]
     assert "- a: `logs/a/train/train.log`" in (results / "report" / "report.md").read_text()
 
 

@@ -231,6 +231,15 @@ def recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict, list[int]]:
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
+def usage_line(pid: int, ended: dict) -> str:
+    """The job's peak memory and CPU time, for its log: its Snakemake benchmark file measures this client."""
+    gib = ended["max_rss_kib"] / 2**20
+    return (
+        f"ftflow: warm job {pid} used peak RSS {gib:.2f} GiB and {ended['cpu_seconds']:.1f} s of CPU "
+        "(the rule's benchmark file measures the client, not the job)"
+    )
+
+
 def run_warm(argv: list[str]) -> int | None:
     """Run `ftflow ARGV` in a child of the warm server; None when it must start cold instead."""
     if why_cold() is not None:
@@ -272,6 +281,8 @@ def run_warm(argv: list[str]) -> int | None:
         return 1
     finally:
         sock.close()
+    if ended.get("exit") == 0 and "max_rss_kib" in ended:  # a failed job's error stays its log's last line
+        print(usage_line(child, ended), file=sys.stderr, flush=True)
     if "signal" in ended:
         signum = int(ended["signal"])
         signal.signal(signum, signal.SIG_DFL)
