@@ -122,7 +122,10 @@ def run_rounds(root, raw, values) -> list[dict]:
         for trial, experiment in zip(trials["trials"], experiments):
             value = values(trial)
             status = value if value in ("diverged", "failed") else "ok"
-            metrics = {"status": status, "exact_match": value if status == "ok" else None}
+            # the shape evaluation.py writes: task metrics nested, the split's loss at the top
+            metrics = {"status": status, "eval_loss": 2.0}
+            if status == "ok":
+                metrics.update(metrics={"exact_match": value}, primary_value=value)
             if status == "failed":
                 metrics["reason"] = "RuntimeError: out of memory"
             write_json(layout.eval_metrics(experiment), metrics)
@@ -269,3 +272,28 @@ def test_planning_a_100_trial_search_costs_about_what_a_100_point_sweep_does(tmp
     sweep_seconds, sweep_plan = seconds(sweep, tmp_path / "w")
     assert len(search_plan.experiments) == len(sweep_plan.experiments) == 101
     assert search_seconds < sweep_seconds + 1.0, (search_seconds, sweep_seconds)
+
+
+def test_a_round_after_only_failed_trials_promotes_none_and_the_search_goes_on(tmp_path):
+    """Every screening trial failed: the promote round has no trial, is told through the command line
+    with no experiments, and the next round asks the sampler again."""
+    from ftflow.cli import main
+
+    raw = search_config(sampler="random")
+    plan = build_plan(raw, workdir=str(tmp_path), results=str(tmp_path / "results"))
+    plan.write_specs()
+    layout = plan.layout
+    rounds = []
+    for k in range(3):
+        spec = layout.search_round_spec("lr-rank", k)
+        trials = plan_round(spec, rounds, layout.search_round_trials("lr-rank", k))
+        experiments = plan.add_round_trials(layout.search_round_trials("lr-rank", k))
+        for experiment in experiments:
+            write_json(layout.eval_metrics(experiment), {"status": "failed", "reason": "RuntimeError: boom"})
+        args = ["search-tell", "--spec", spec, "--trials", layout.search_round_trials("lr-rank", k)]
+        args += ["--experiments", *experiments, "--previous", *rounds, "--out", layout.search_round("lr-rank", k)]
+        assert main(args) == 0
+        rounds.append(layout.search_round("lr-rank", k))
+        assert len(trials["trials"]) == [6, 0, 3][k]
+    told = [read_json(path) for path in rounds]
+    assert [t["state"] for doc in told for t in doc["trials"]] == ["failed"] * 9

@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search-tell", help="record a search round's results (state and value per trial)")
     p.add_argument("--spec", required=True)
     p.add_argument("--trials", required=True, help="the round's round-{k}.trials.json")
-    p.add_argument("--experiments", nargs="+", required=True, help="the experiment running each trial, in order")
+    p.add_argument("--experiments", nargs="*", default=[], help="the experiment running each trial, in order")
     p.add_argument("--previous", nargs="*", default=[])
     p.add_argument("--results", help="results folder (default: the one holding --trials)")
     p.add_argument("--out", required=True)

@@ -177,6 +177,14 @@ def plan_round(spec_path: str, previous: list[str], out: str) -> dict:
     if this["kind"] == "promote":
         for trial in best_trials(spec, rounds, this["n"]):
             trials.append({"settings": trial["settings"], "budget": budget, "promoted_from": trial["name"]})
+        if len(trials) < this["n"]:  # said out loud: the earlier rounds finished fewer distinct trials
+            log.warning(
+                "search %s round %d promotes %d of %d: no more distinct trials finished before it",
+                spec["search"],
+                k,
+                len(trials),
+                this["n"],
+            )
     else:
         study = build_study(spec, rounds, k)
         dims = {dim["name"]: dim for dim in spec["space"]}
@@ -254,13 +262,20 @@ def trial_outcome(layout: Layout, experiment: str, metric: str) -> dict:
             tokens += int(read_json(layout.train_metrics(experiment, stage.name)).get("tokens") or 0)
     except (OSError, ValueError, KeyError):
         tokens = None
-    value = metrics.get(metric)
+    value = metric_value(metrics, metric)
     status = metrics.get("status", "ok")
     if status == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
         return {"state": "complete", "value": float(value), "train_tokens": tokens}
     reason = metrics.get("reason") or (f"{metric} missing" if status == "ok" else status)
     state = "diverged" if status == "diverged" else "failed"
     return {"state": state, "value": None, "train_tokens": tokens, "reason": reason}
+
+
+def metric_value(metrics: dict, metric: str) -> Any:
+    """A metric of eval/metrics.json: a task metric under `metrics`, the split's loss (eval_loss, perplexity)
+    at the top."""
+    task = metrics.get("metrics") or {}
+    return task[metric] if metric in task else metrics.get(metric)
 
 
 def finish_search(spec_path: str, rounds_paths: list[str], best_out: str, study_out: str) -> dict:
