@@ -297,3 +297,12 @@ def test_a_round_after_only_failed_trials_promotes_none_and_the_search_goes_on(t
         assert len(trials["trials"]) == [6, 0, 3][k]
     told = [read_json(path) for path in rounds]
     assert [t["state"] for doc in told for t in doc["trials"]] == ["failed"] * 9
+
+
+def test_a_search_where_nothing_diverged_says_so():
+    from ftflow.report.searches import SearchResult, boundary_lines
+
+    best = {"boundary": [], "states": {"complete": 13, "diverged": 0, "failed": 1}}
+    assert boundary_lines(SearchResult("lr-rank", best, [])) == ["no boundary: none of the 13 trials that ran diverged"]
+    found = {"boundary": [{"setting": "lr", "at_or_above": 1e-3, "diverged": 2, "of": 2}], "states": {"diverged": 2}}
+    assert boundary_lines(SearchResult("lr-rank", found, [])) == ["diverged at lr ≥ 1e-3 in 2 of 2 trials"]

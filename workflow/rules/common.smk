@@ -238,8 +238,10 @@ def get_report_inputs(wildcards=None):
     for exp in EXPERIMENTS.values():
         if PLAN.trials and exp.name in PLAN.trials.experiment_of:
             continue  # a search's trials reach the report through its best.json
+        # eval/metrics.json only: every stage's train_metrics.json is upstream of it (eval <- merge <-
+        # train, each stage starting from the one before), so listing them would only make Snakemake
+        # resolve each one again (1,000 more file lookups in a 500-experiment dry run)
         paths.append(LAYOUT.eval_metrics(exp.name))
-        paths.extend(LAYOUT.train_metrics(exp.name, s.name) for s in exp.stages)
     paths.extend(LAYOUT.search_best(name) for name in PLAN.searches)
     trials = PLAN.trials.experiment_of if PLAN.trials else {}
     # a trial's benchmarks come through the report's trial_harness input, as its round is planned

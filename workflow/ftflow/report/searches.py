@@ -69,11 +69,17 @@ def _budget_text(budget: dict) -> str:
 
 
 def boundary_lines(result: SearchResult) -> list[str]:
-    """ "diverged at training.learning_rate ≥ 1.6e-3 in 3 of 3 trials", clearest first."""
-    return [
+    """ "diverged at training.learning_rate ≥ 1.6e-3 in 3 of 3 trials", clearest first; said too when
+    no trial that ran diverged, so a missing line is never read as a boundary nobody looked for."""
+    lines = [
         f"diverged at {b['setting']} ≥ {_value(b['at_or_above'])} in {b['diverged']} of {b['of']} trials"
         for b in result.best.get("boundary") or []
     ]
+    states = result.best.get("states") or {}
+    ran = states.get("complete", 0) + states.get("diverged", 0)
+    if not lines and ran and not states.get("diverged"):
+        lines.append(f"no boundary: none of the {ran} trials that ran diverged")
+    return lines
 
 
 def failure_lines(result: SearchResult) -> list[str]:
