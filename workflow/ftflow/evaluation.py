@@ -27,6 +27,7 @@ from .data import load_split
 from .errors import StageError
 from .loss import labelled_positions, summed_label_loss
 from .metrics import compute as compute_metric
+from .metrics import metric_value
 from .models import device_type, load_model, load_tokenizer
 from .packing import packing_collator
 from .provenance import provenance
@@ -211,7 +212,7 @@ def evaluate_experiment(config_path: str, model_dir: str, data_dir: str, out_dir
         result["generation"], generated, predictions = generate(model, tokenizer, test, spec, device)
         result["metrics"], per_example = score(experiment.name, spec.metrics, predictions, list(test["reference"]))
         rows = prediction_rows(tokenizer, test, generated, predictions, per_example)
-    result["primary_value"] = (result.get("metrics") or {}).get(spec.primary_metric, result.get(spec.primary_metric))
+    result["primary_value"] = metric_value(result, spec.primary_metric)
     return write_outputs(out_dir, experiment, result, rows)
 
 

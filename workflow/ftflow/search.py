@@ -27,6 +27,7 @@ from typing import Any
 
 from .atomic import read_json, write_json
 from .hashing import content_hash
+from .metrics import metric_value
 from .paths import Layout
 from .specs import ExperimentSpec
 
@@ -269,13 +270,6 @@ def trial_outcome(layout: Layout, experiment: str, metric: str) -> dict:
     reason = metrics.get("reason") or (f"{metric} missing" if status == "ok" else status)
     state = "diverged" if status == "diverged" else "failed"
     return {"state": state, "value": None, "train_tokens": tokens, "reason": reason}
-
-
-def metric_value(metrics: dict, metric: str) -> Any:
-    """A metric of eval/metrics.json: a task metric under `metrics`, the split's loss (eval_loss, perplexity)
-    at the top."""
-    task = metrics.get("metrics") or {}
-    return task[metric] if metric in task else metrics.get(metric)
 
 
 def finish_search(spec_path: str, rounds_paths: list[str], best_out: str, study_out: str) -> dict:

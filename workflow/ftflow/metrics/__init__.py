@@ -15,6 +15,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = tuple(sorted(entry for entry in os.listdir(HERE) if os.path.isfile(os.path.join(HERE, entry, f"{entry}.py"))))
 
 
+def metric_value(result: dict, name: str):
+    """A number of an eval/metrics.json: a task metric under its `metrics`, else the split's loss
+    (eval_loss, perplexity) at the top; None when it has neither."""
+    return (result.get("metrics") or {}).get(name, result.get(name))
+
+
 @functools.lru_cache(maxsize=None)
 def load_metric(name: str):
     import evaluate

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+from ..metrics import metric_value
 from ..specs import StageSpec
 from .collect import Run
 from .formatting import finite, format_value
@@ -172,7 +173,7 @@ def make_row(run: Run, settings: dict) -> Row:
     spec = run.spec
     primary = spec.eval.primary_metric or "eval_loss"
     note = f"waits for {problem.where}" if run.status == "not run" else ": ".join(parts)
-    if run.status == "ok" and finite((evaluation.get("metrics") or {}).get(primary, evaluation.get(primary))) is None:
+    if run.status == "ok" and finite(metric_value(evaluation, primary)) is None:
         note = f"evaluate: eval/metrics.json has no {primary} number, so this run is not ranked"
     return Row(
         experiment=run.name,
