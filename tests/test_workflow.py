@@ -72,6 +72,8 @@ def test_every_output_path_exists(smoke_run: Path):
         assert re.search(r"progress: step 1/2 \(50%\), loss 10\.8\d+, \d+ tokens/s", text), text
         assert "progress: step 2/2 (100%), loss " in text, text
         assert " tokens/s (" in text and "ETA 0s" in text
+        if exp != "full":  # the LoRA layers train with ftflow's CPU forward, and the log says so
+            assert re.search(r"LoRA: \d+ layers train with ftflow's CPU forward", text), text
         assert (smoke_run / "benchmarks" / exp / "train" / "train.tsv").exists()
     logs = {r["experiment"]: r["log"] for r in rows}
     assert logs == {**{exp: f"logs/{exp}/train/train.log" for exp in TUNED}, "baseline": "logs/baseline/eval.log"}

@@ -4,18 +4,24 @@ What a method needs comes from its registry entry (methods.METHODS): whether
 the base is loaded in 4 bits, which PEFT config class builds the adapter from
 which config section, and whether that config gets the run's optimizer step
 count (AdaLoRA's rank schedule is laid over it). A new method is an entry
-there, not a branch here.
+there, not a branch here. Plain LoRA layers get ftflow.lora_forward's training
+forward, which does less outside the matmuls on a CPU.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from . import adalora
 from .errors import StageError
+from .lora_forward import use_fast_lora_forward
 from .models import load_model, load_tokenizer
 from .optional_imports import uses_bitsandbytes
 from .specs import StageSpec
+
+log = logging.getLogger("ftflow.train")
 
 
 def training_dtype(training: dict) -> torch.dtype:
@@ -103,6 +109,9 @@ def setup_for_training(
             adalora.refresh_for_new_stage(model, getattr(stage, info.peft_section), total_step)
     else:
         model = get_peft_model(model, build_peft_config(stage, total_step))
+    fast = use_fast_lora_forward(model)
+    if fast:
+        log.info("LoRA: %d layers train with ftflow's CPU forward (ftflow.lora_forward); other devices run PEFT's", fast)
     if checkpoints_activations(stage.training):
         model.enable_input_require_grads()  # with a frozen base, reentrant checkpointing needs an input that requires grad
     return model, tokenizer, count_parameters(model)
