@@ -111,7 +111,9 @@ def setup_for_training(
         model = get_peft_model(model, build_peft_config(stage, total_step))
     fast = use_fast_lora_forward(model)
     if fast:
-        log.info("LoRA: %d layers train with ftflow's CPU forward (ftflow.lora_forward); other devices run PEFT's", fast)
+        log.info(
+            "LoRA: %d layers train with ftflow's CPU forward (ftflow.lora_forward); other devices run PEFT's", fast
+        )
     if checkpoints_activations(stage.training):
         model.enable_input_require_grads()  # with a frozen base, reentrant checkpointing needs an input that requires grad
     return model, tokenizer, count_parameters(model)
