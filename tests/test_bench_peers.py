@@ -105,6 +105,8 @@ def test_llamafactory_job_files_carry_the_experiments_settings(tmp_path):
     assert (job["per_device_train_batch_size"], job["gradient_accumulation_steps"], job["weight_decay"]) == (4, 2, 0.01)
     assert job["disable_shuffling"] is True and job["cutoff_len"] == 256 and job["logging_steps"] == 1
     assert not job["bf16"] and not job["fp16"]
+    # LLaMA-Factory checkpoints activations unless told not to; the stage says off
+    assert job["disable_gradient_checkpointing"] is True and job["gradient_checkpointing"] is False
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows == [{"messages": records[0]["prompt"] + records[0]["completion"]}]
     info = json.loads((tmp_path / "dataset_info.json").read_text())[job["dataset"]]

@@ -19,6 +19,7 @@ import pytest
 
 from ftflow.gpu_slots import GpuSlotError, acquire_gpus, gpus_for_job, machine_gpus
 from ftflow.launch import BatchSplitError, data_parallel_training_values, per_process_batch
+from ftflow.workflow import heavy_threads
 from helpers import REPO, copy_config, dry_run_jobs, snakemake
 
 # One job: take `count` slots, record when it held which devices, hold them `hold` seconds.
@@ -161,6 +162,19 @@ def test_effective_batch_rule_holds_everywhere():
         per_process_batch(3, 2, 4)
     values = data_parallel_training_values({"per_device_train_batch_size": 8, "learning_rate": 1e-3}, 2)
     assert values == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+
+
+def test_heavy_jobs_share_a_cpu_machine_two_at_a_time():
+    # CPU only, several experiments: two train/eval jobs side by side, the cores split between them
+    assert heavy_threads(2, experiments=4, gpus=0, smoke=False) == 1
+    assert heavy_threads(16, experiments=4, gpus=0, smoke=False) == 8
+    assert heavy_threads(3, experiments=9, gpus=0, smoke=False) == 1
+    # one experiment, one core, a GPU machine: every core for each job, as before; smoke: one thread
+    assert heavy_threads(2, experiments=1, gpus=0, smoke=False) == 2
+    assert heavy_threads(1, experiments=4, gpus=0, smoke=False) == 1
+    assert heavy_threads(16, experiments=4, gpus=1, smoke=False) == 16
+    assert heavy_threads(None, experiments=4, gpus=0, smoke=False) == 1
+    assert heavy_threads(8, experiments=4, gpus=0, smoke=True) == 1
 
 
 def test_gpu_box_profile_offers_the_gpus_the_allocator_sees(monkeypatch):

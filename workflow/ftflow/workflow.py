@@ -87,6 +87,23 @@ def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
         sys.exit(1)
 
 
+# Train and eval jobs side by side on a machine without GPUs, at most: two jobs of one thread did about
+# 1.4x the work of one job of two threads on this project's CPU runs (small batches do not keep many
+# threads busy); more than two would multiply the memory of the largest job.
+CPU_JOBS_SIDE_BY_SIDE = 2
+
+
+def heavy_threads(cores: int | None, experiments: int, gpus: int, smoke: bool) -> int:
+    """Threads of a train, eval or harness job: every core, or on a machine without GPUs where several
+    experiments can run at once, the cores shared by two jobs. Smoke jobs are mostly start-up: one thread."""
+    if smoke:
+        return 1
+    cores = max(1, cores or 1)
+    if gpus:
+        return cores
+    return max(1, cores // max(1, min(CPU_JOBS_SIDE_BY_SIDE, experiments, cores)))
+
+
 def default_gpus() -> int:
     """GPUs a train or eval job asks for when its stage does not say: 1 where a GPU is, else 0.
 

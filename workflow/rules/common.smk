@@ -13,6 +13,7 @@ from ftflow.paths import Layout  # noqa: E402
 from ftflow.workflow import (  # noqa: E402
     default_gpus,
     effective_config,
+    heavy_threads,
     execution_environment_or_exit,
     input_function,
     plan_or_exit,
@@ -44,8 +45,8 @@ CONTAINER = execution_environment_or_exit(
 )
 PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments
-# Train and eval use every core on a CPU; smoke jobs are mostly start-up, so they run side by side.
-HEAVY_THREADS = 1 if PLAN.smoke else max(1, workflow.cores or 1)
+# Train and eval threads: every core, shared by two jobs on a CPU machine with several experiments.
+HEAVY_THREADS = heavy_threads(workflow.cores, len(EXPERIMENTS), DEFAULT_GPUS, PLAN.smoke)
 
 
 def one_of(names):

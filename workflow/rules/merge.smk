@@ -9,7 +9,7 @@ rule merge:
         LAYOUT.stage_log("{experiment}", "{stage}", "merge"),
     conda:
         "../../envs/ftflow.yaml"
-    threads: 1 if PLAN.smoke else 2
+    threads: min(2, HEAVY_THREADS)
     resources:
         # Merging runs on the CPU (fp32 weights), so it holds no GPU slot and sees no device.
         gpu=0,

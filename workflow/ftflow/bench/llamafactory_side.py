@@ -139,6 +139,7 @@ def job_settings(
 ) -> dict:
     """The train YAML: the experiment's settings in LLaMA-Factory's names."""
     training = stage["training"]
+    checkpointing = bool(training.get("gradient_checkpointing") or training.get("activation_checkpointing"))
     settings = {
         "model_name_or_path": model_dir,
         "trust_remote_code": False,
@@ -162,7 +163,10 @@ def job_settings(
         "disable_shuffling": True,  # the rows in file order, as every side
         "bf16": False,
         "fp16": False,
-        "gradient_checkpointing": bool(training.get("gradient_checkpointing", False)),
+        # LLaMA-Factory turns activation checkpointing on unless told not to (it ignores the Trainer's flag):
+        # the stage's setting, as on every side
+        "disable_gradient_checkpointing": not checkpointing,
+        "gradient_checkpointing": checkpointing,
         **_shared_arguments(stage),
     }
     if method == "lora":
@@ -289,6 +293,13 @@ def run_llamafactory_side(
             tail = handle.read()[-4000:]
         raise FtflowError(f"llamafactory: `llamafactory-cli train {job}` failed (exit {proc.returncode}):\n{tail}")
     peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    with open(os.path.join(out_dir, "train.log"), encoding="utf-8") as handle:
+        checkpointed = "Gradient checkpointing enabled" in handle.read()
+    if checkpointed != settings["gradient_checkpointing"]:  # another job than every other side's
+        raise FtflowError(
+            f"llamafactory: activation checkpointing was {'on' if checkpointed else 'off'} in {out_dir}/train.log, "
+            f"the stage says {'on' if settings['gradient_checkpointing'] else 'off'}"
+        )
     if len(stamps) < 2 or 1 not in stamps or steps not in stamps:
         raise FtflowError(f"llamafactory: expected a loss line per step in {output_dir}/{TRAINER_LOG}")
     seconds = stamps[steps][0] - stamps[1][0]
