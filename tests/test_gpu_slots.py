@@ -166,15 +166,14 @@ def test_effective_batch_rule_holds_everywhere():
 
 def test_heavy_jobs_share_a_cpu_machine_two_at_a_time():
     # CPU only, several experiments: two train/eval jobs side by side, the cores split between them
-    assert heavy_threads(2, experiments=4, gpus=0, smoke=False) == 1
-    assert heavy_threads(16, experiments=4, gpus=0, smoke=False) == 8
-    assert heavy_threads(3, experiments=9, gpus=0, smoke=False) == 1
-    # one experiment, one core, a GPU machine: every core for each job, as before; smoke: one thread
-    assert heavy_threads(2, experiments=1, gpus=0, smoke=False) == 2
-    assert heavy_threads(1, experiments=4, gpus=0, smoke=False) == 1
-    assert heavy_threads(16, experiments=4, gpus=1, smoke=False) == 16
-    assert heavy_threads(None, experiments=4, gpus=0, smoke=False) == 1
-    assert heavy_threads(8, experiments=4, gpus=0, smoke=True) == 1
+    assert heavy_threads(2, experiments=4, gpus=0) == 1
+    assert heavy_threads(16, experiments=4, gpus=0) == 8
+    assert heavy_threads(3, experiments=9, gpus=0) == 1
+    # one experiment, one core, a GPU machine: every core for each job, as before
+    assert heavy_threads(2, experiments=1, gpus=0) == 2
+    assert heavy_threads(1, experiments=4, gpus=0) == 1
+    assert heavy_threads(16, experiments=4, gpus=1) == 16
+    assert heavy_threads(None, experiments=4, gpus=0) == 1
 
 
 def test_gpu_box_profile_offers_the_gpus_the_allocator_sees(monkeypatch):

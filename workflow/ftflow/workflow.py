@@ -93,11 +93,9 @@ def plan_or_exit(raw: dict, results: str, configfiles=()) -> Plan:
 CPU_JOBS_SIDE_BY_SIDE = 2
 
 
-def heavy_threads(cores: int | None, experiments: int, gpus: int, smoke: bool) -> int:
+def heavy_threads(cores: int | None, experiments: int, gpus: int) -> int:
     """Threads of a train, eval or harness job: every core, or on a machine without GPUs where several
-    experiments can run at once, the cores shared by two jobs. Smoke jobs are mostly start-up: one thread."""
-    if smoke:
-        return 1
+    experiments can run at once, the cores shared by two jobs."""
     cores = max(1, cores or 1)
     if gpus:
         return cores

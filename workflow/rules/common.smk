@@ -46,7 +46,8 @@ CONTAINER = execution_environment_or_exit(
 PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments
 # Train and eval threads: every core, shared by two jobs on a CPU machine with several experiments.
-HEAVY_THREADS = heavy_threads(workflow.cores, len(EXPERIMENTS), DEFAULT_GPUS, PLAN.smoke)
+# Smoke jobs are mostly start-up: one thread (and `workflow.cores` is not asked, --unlock has none).
+HEAVY_THREADS = 1 if PLAN.smoke else heavy_threads(workflow.cores, len(EXPERIMENTS), DEFAULT_GPUS)
 
 
 def one_of(names):
