@@ -277,6 +277,7 @@ def run_llamafactory_side(
     template = template_name(AutoTokenizer.from_pretrained(model_dir).chat_template)
     shutil.rmtree(out_dir, ignore_errors=True)
     output_dir = save_dir or os.path.join(out_dir, "output")
+    shutil.rmtree(output_dir, ignore_errors=True)  # an earlier run's trainer_log.jsonl would be read as this one's
     tokenized = os.path.join(out_dir, "tokenized")
     settings = job_settings(model_dir, out_dir, template, stage, method, steps, max_length, output_dir, tokenized)
     job = write_job(out_dir, records, settings)
@@ -303,6 +304,8 @@ def run_llamafactory_side(
     if len(stamps) < 2 or 1 not in stamps or steps not in stamps:
         raise FtflowError(f"llamafactory: expected a loss line per step in {output_dir}/{TRAINER_LOG}")
     seconds = stamps[steps][0] - stamps[1][0]
+    if seconds <= 0:
+        raise FtflowError(f"llamafactory: steps 1 to {steps} of {output_dir}/{TRAINER_LOG} appeared at the same time")
     cpu = None
     if stamps[steps][1] is not None and stamps[1][1] is not None:
         cpu = round(stamps[steps][1] - stamps[1][1], 3)
