@@ -142,3 +142,13 @@ def test_sides_rotate_and_ratios_compare_ftflow_with_each_peer():
         "loss_gap": -0.02,
         "eval_loss_gap": -0.05,
     }
+
+
+def test_keep_peers_takes_the_measured_comparison_or_fails_before_measuring(tmp_path):
+    from ftflow.bench.runner import kept_peers
+    from ftflow.errors import FtflowError
+
+    with pytest.raises(FtflowError, match="holds no peer comparison; run `ftflow bench --only peers` first"):
+        kept_peers(str(tmp_path))
+    (tmp_path / "results.json").write_text(json.dumps({"train": {}, "peers": {"command": "ftflow bench --only peers"}}))
+    assert kept_peers(str(tmp_path), log=lambda _: None) == {"command": "ftflow bench --only peers"}

@@ -289,8 +289,9 @@ def cmd_bench(args) -> int:
         args.quick,
         args.gpu,
         args.cores or os.cpu_count() or 1,
-        command,
+        command + (" --keep-peers" if args.keep_peers else ""),
         log=logging.info,
+        keep_peers=args.keep_peers,
     )
     missed = [t["key"] for t in results["targets"] if not t["met"]]
     logging.info(
@@ -444,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer-steps", type=int, help="with --only peers: optimizer steps per run (default: the experiment's)"
     )
     p.add_argument("--peer-rounds", type=int, help="with --only peers: runs per side and method (default: 2)")
+    p.add_argument(
+        "--keep-peers",
+        action="store_true",
+        help="measure everything but the peers, and keep the peer comparison OUT/results.json already holds "
+        "(from `--only peers`, the longest part)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

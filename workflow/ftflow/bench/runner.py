@@ -11,7 +11,8 @@ import datetime
 import os
 import time
 
-from ..atomic import write_json, write_text
+from ..atomic import read_json, write_json, write_text
+from ..errors import FtflowError
 from ..provenance import device_info, git_commit, package_versions
 from .flops import matmul_peak
 from .inputs import BenchSettings, prepare_inputs
@@ -81,7 +82,15 @@ def load_average() -> list[float] | None:
 
 
 def run_bench(
-    out: str, work: str, configfile: str, quick: bool, gpu: bool, cores: int, command: str, log=print
+    out: str,
+    work: str,
+    configfile: str,
+    quick: bool,
+    gpu: bool,
+    cores: int,
+    command: str,
+    log=print,
+    keep_peers: bool = False,
 ) -> dict:
     from transformers.utils import logging as hf_logging
 
@@ -92,6 +101,7 @@ def run_bench(
     from .worker import run_in_process, run_in_subprocess
 
     hf_logging.disable_progress_bar()
+    kept = kept_peers(out, log=log) if keep_peers else None  # before the long part: a missing one fails now
     started = time.perf_counter()
     settings = BenchSettings.for_mode(quick)
     # --quick runs every side in this process (no start-up per run); timings are then for CI only
@@ -132,7 +142,10 @@ def run_bench(
         "cache_hit": tokenization.bench_cache_hit(inputs),
     }
     results["gpu"] = bench_gpu(inputs, settings, run_task, requested=gpu, log=log)
-    results["peers"] = bench_peers(inputs, settings, run_task, log=log, command=command)
+    if kept is not None:
+        results["peers"] = kept
+    else:
+        results["peers"] = bench_peers(inputs, settings, run_task, log=log, command=command)
 
     results["targets"] = check_targets(results)
     results["load_average_end"] = load_average()
@@ -143,6 +156,16 @@ def run_bench(
     write_json(os.path.join(out, "results.json"), results)
     write_text(os.path.join(out, "results.md"), render_markdown(results))
     return results
+
+
+def kept_peers(out: str, log=print) -> dict:
+    """`--keep-peers`: the peer comparison OUT/results.json holds, as it was measured (its own command and load)."""
+    path = os.path.join(out, "results.json")
+    peers = read_json(path).get("peers") if os.path.exists(path) else None
+    if not peers:
+        raise FtflowError(f"bench --keep-peers: {path} holds no peer comparison; run `ftflow bench --only peers` first")
+    log(f"peers: kept from {path} ({peers.get('command')}, {peers.get('seconds')} s)")
+    return peers
 
 
 def run_peers_only(
@@ -160,7 +183,6 @@ def run_peers_only(
     (the rest of an earlier full run kept) and rendered into results.md."""
     from transformers.utils import logging as hf_logging
 
-    from ..atomic import read_json
     from .peers import bench_peers
     from .peers_report import render_peers_only
     from .report import render_markdown
