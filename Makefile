@@ -45,8 +45,8 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint
 
-# ftflow vs the plain Hugging Face recipe, written to bench/results.{json,md}; about 15 minutes
-# on an idle 2-core CPU (the prepared model and data are kept in bench/work/ for the next run).
+# ftflow vs the plain Hugging Face recipe, TRL and LLaMA-Factory, written to bench/results.{json,md}; about
+# 40 minutes on an idle 2-core CPU (the prepared model and data are kept in bench/work/ for the next run).
 bench: $(STAMP)
 	$(BIN)/ftflow bench
 
