@@ -13,8 +13,8 @@ from ftflow.paths import Layout  # noqa: E402
 from ftflow.workflow import (  # noqa: E402
     default_gpus,
     effective_config,
-    heavy_threads,
     execution_environment_or_exit,
+    heavy_threads,
     input_function,
     plan_or_exit,
     use_this_python_for_jobs,
@@ -47,7 +47,9 @@ PLAN.write_specs()
 EXPERIMENTS = PLAN.experiments
 # Train and eval threads: every core, shared by two jobs on a CPU machine with several experiments.
 # Smoke jobs are mostly start-up: one thread (and `workflow.cores` is not asked, --unlock has none).
-HEAVY_THREADS = 1 if PLAN.smoke else heavy_threads(workflow.cores, len(EXPERIMENTS), DEFAULT_GPUS)
+HEAVY_THREADS = (
+    1 if PLAN.smoke else heavy_threads(workflow.cores, len(EXPERIMENTS), DEFAULT_GPUS)
+)
 
 
 def one_of(names):
