@@ -30,6 +30,7 @@ import time
 
 from ..atomic import read_json, write_json, write_text
 from ..errors import FtflowError
+from ..model_setup import checkpoints_activations
 from .peer_rows import compare_labels, peer_records
 from .train_throughput import _example_counts, _examples, _shared_arguments
 
@@ -139,7 +140,7 @@ def job_settings(
 ) -> dict:
     """The train YAML: the experiment's settings in LLaMA-Factory's names."""
     training = stage["training"]
-    checkpointing = bool(training.get("gradient_checkpointing") or training.get("activation_checkpointing"))
+    checkpointing = checkpoints_activations(training)
     settings = {
         "model_name_or_path": model_dir,
         "trust_remote_code": False,

@@ -23,6 +23,7 @@ from importlib.metadata import version
 
 import torch
 
+from ..model_setup import checkpoints_activations
 from .flops import linear_weights
 from .peer_rows import compare_labels, peer_records
 from .train_throughput import StepClock, _example_counts, _examples, _measure, _shared_arguments
@@ -42,7 +43,7 @@ def trl_config(stage: dict, steps: int, out_dir: str, device: str = "cpu"):
         max_length=None,  # the rows are ftflow's examples, already within max_length: no second cut
         padding_free=True,
         # TRL turns activation checkpointing on by default; ftflow's side runs the stage's setting
-        gradient_checkpointing=bool(stage["training"].get("gradient_checkpointing", False)),
+        gradient_checkpointing=checkpoints_activations(stage["training"]),
         completion_only_loss=None,  # TRL decides from the records: prompt-completion -> loss on the completion
         train_sampling_strategy="sequential",
         report_to="none",
