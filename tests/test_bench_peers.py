@@ -83,11 +83,20 @@ def test_trl_side_trains_and_labels_the_positions_ftflow_labels(tiny_job):
     assert out["labels"]["examples"] == out["examples"] == 8
     assert out["labels"]["identical_labels"] == 8, out["labels"]["differences"]
     assert out["steps"] == 2 and len(out["losses"]) == 2 and all(math.isfinite(x) for x in out["losses"])
-    # LoRA starts as the base model (B = 0): TRL's first-step loss is ftflow's loss on those 4 examples
+    # LoRA starts as the base model (B = 0): TRL's first-step loss is ftflow's fp32 loss on those 4 examples
+    # (TRL's own default, bf16 autocast on the CPU, moved it by about 1e-3 on the embedded model)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     first = load_from_disk(str(work / "out" / "train")).select(range(4))
-    assert out["losses"][0] == pytest.approx(dataset_loss(base, first, "cpu")["eval_loss"], rel=1e-4)
+    assert out["losses"][0] == pytest.approx(dataset_loss(base, first, "cpu")["eval_loss"], rel=1e-5)
     assert json.loads((work / "trl-adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_trl_side_trains_in_fp32_on_the_cpu_and_bf16_only_when_asked(tmp_path):
+    from ftflow.bench.trl_side import trl_config
+
+    cpu = trl_config(STAGE, 2, str(tmp_path))
+    assert (cpu.bf16, cpu.fp16, cpu.use_cpu, cpu.padding_free) == (False, False, True, True)
+    assert trl_config(STAGE, 2, str(tmp_path), bf16=True).bf16 is True
 
 
 def test_llamafactory_job_files_carry_the_experiments_settings(tmp_path):

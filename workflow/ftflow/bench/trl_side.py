@@ -8,9 +8,14 @@ TRL's documented recipe for this job, and nothing of ftflow's training code:
   position ids restarting per example, as ftflow's (TRL's `packing=True` would
   pack many examples into each of the batch's rows: another job, not run here);
   `peft_config=LoraConfig(...)` with the experiment's LoRA settings;
-  fp32 on the CPU; TRL's own loss (its fused LM head: the LM head in tiles on
-  the positions that predict a label, per-token log-probs, and the entropy and
-  top-1 accuracy it logs as metrics).
+  fp32 on the CPU, set explicitly: TRL 1.16's `SFTConfig` turns `bf16` on by
+  default, on the CPU too, where accelerate then runs the forward under bf16
+  autocast (another job: its first-step loss was 1.6314 against the fp32
+  model's 1.6300 on the same rows);
+  TRL's own loss (its fused LM head: the LM head in tiles, per-token log-probs,
+  and the entropy and top-1 accuracy it logs as metrics). Only on CUDA/XPU with
+  Triton does it project just the positions that predict a label; on the CPU
+  it projects every position of the row.
 
 The same model folder, the same first `steps x batch` rows in the same order
 (sequential sampler), and the same optimizer, schedule, batch, accumulation,
@@ -31,8 +36,9 @@ from .train_throughput import StepClock, _example_counts, _examples, _measure, _
 IGNORE = -100
 
 
-def trl_config(stage: dict, steps: int, out_dir: str, device: str = "cpu"):
-    """The SFTConfig of the TRL side: the experiment's optimizer settings, padding-free batches."""
+def trl_config(stage: dict, steps: int, out_dir: str, device: str = "cpu", bf16: bool = False):
+    """The SFTConfig of the TRL side: the experiment's optimizer settings, padding-free batches,
+    bf16 only where ftflow's side trains in bf16 (TRL's own default is bf16 on)."""
     from trl import SFTConfig
 
     shared = _shared_arguments(stage)
@@ -52,6 +58,8 @@ def trl_config(stage: dict, steps: int, out_dir: str, device: str = "cpu"):
         logging_nan_inf_filter=False,
         disable_tqdm=True,
         use_cpu=device == "cpu",
+        bf16=bf16,
+        fp16=False,
         **shared,
     )
 
@@ -103,6 +111,7 @@ def run_trl_side(
     out_dir: str,
     save_dir: str | None = None,
     device: str = "cpu",
+    bf16: bool = False,
     callbacks: tuple = (),
 ) -> dict:
     """Train with TRL on ftflow's first `steps x batch` rows; timings, losses, and (save_dir) the trained artifact."""
@@ -111,14 +120,15 @@ def run_trl_side(
     examples = _examples(data_dir, steps * per_step)
     lengths, useful = _example_counts(examples)
     kind, records = peer_records(data_spec, workdir, list(examples["source_row"]))
-    config = trl_config(stage, steps, out_dir, device)
+    config = trl_config(stage, steps, out_dir, device, bf16)
     clock = StepClock(device)
     trainer = build_trl_trainer(model_dir, records, stage, method, config, callbacks=[clock, *callbacks])
     ours = [{"input_ids": i, "labels": lab} for i, lab in zip(examples["input_ids"], examples["labels"])]
     labels = compare_labels(ours, trl_examples(trainer))
-    # TRL's fused LM head projects only the positions whose next token carries a label, as ftflow's loss does
+    # TRL's LM head: every position on the CPU, only those that predict a label with Triton (module doc)
+    logits = lengths if device == "cpu" else useful
     out = _measure(
-        trainer, clock, method, linear_weights(trainer.model), per_step, lengths, useful, lengths, useful, device
+        trainer, clock, method, linear_weights(trainer.model), per_step, lengths, useful, lengths, logits, device
     )
     packages = ("trl", "transformers", "peft", "datasets", "accelerate", "torch")
     out.update(side="trl", kind=kind, labels=labels, examples=len(lengths), versions={p: version(p) for p in packages})
