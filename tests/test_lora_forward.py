@@ -142,3 +142,47 @@ def test_a_causal_lm_trains_the_same_with_activation_checkpointing():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_trained_base_layer_gets_pefts_gradients_too():
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fast in (False, True):
+        model = lora_model(0.0, fast=fast)
+        model.base_model.model.up.base_layer.weight.requires_grad_(True)
+        results.append(output_and_grads(model, x))
+    theirs, ours = results
+    assert "base_model.model.up.base_layer.weight" in ours[2]
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=1e-6)
+    for name in theirs[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=1e-5, atol=1e-6)
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the distinct activation storages (not weights) autograd keeps for backward over one forward."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(storages.values())
+
+
+def test_the_fast_path_keeps_far_less_for_backward_than_pefts_forward():
+    def model(fast: bool):
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+        peft_model = get_peft_model(tiny_llama("sdpa", use_cache=False), config)
+        if fast:
+            use_fast_lora_forward(peft_model)
+        return peft_model.train()
+
+    ids = torch.randint(0, 101, (2, 64), generator=torch.Generator().manual_seed(0))
+    theirs, ours = saved_bytes(model(False), ids), saved_bytes(model(True), ids)
+    print(f"saved for backward: PEFT {theirs} bytes, ftflow {ours} bytes")
+    assert ours < 0.75 * theirs, (ours, theirs)

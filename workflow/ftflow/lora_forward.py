@@ -20,6 +20,15 @@ tensors (measured with `python -m ftflow.bench.profile_step ftflow lora`):
   without dropout, applied to the rank-r activations, a tensor of r columns;
 - the LoRA product is added onto the base output by one `addmm`.
 
+Where the base layer is frozen (LoRA's case), the whole layer is one autograd
+function that keeps, for backward, the layer's input, a one-byte mask and the
+rank-r activations. Autograd on PEFT's forward keeps two full-width tensors per
+adapted layer instead (the dropped input for lora_A's gradient and the float
+mask for the input's), although q, k and v, or gate and up, read one input: on
+the embedded default's lora-r16 job that is about 22 KB less per token per
+layer. Backward recomputes the dropped input for lora_A's gradient, one
+element-wise pass, where autograd would have read it back.
+
 The random stream differs from `nn.Dropout`'s, so a run is reproducible from its
 seed but its masks are not the ones stock PEFT would draw. It is used only where
 it is exactly PEFT's computation otherwise: training mode, a CPU tensor, one
@@ -39,24 +48,74 @@ MASK_BITS = 15
 MASK_SCALE = 1 << MASK_BITS  # thresholds are in units of 1/32768
 
 
-def scaled_dropout(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    """`scale * dropout(x, p)`, training mode, with a mask of 15 random bits per element.
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
+    """A training-mode dropout mask for `x` from 15 random bits per element, and the kept fraction.
 
-    The kept fraction is 1 - round(p * 32768) / 32768 and the kept elements are
-    multiplied by scale over exactly that fraction.
+    None where nothing is dropped (p rounds to 0); the kept fraction is 1 - round(p * 32768) / 32768.
     """
     threshold = round(p * MASK_SCALE)
     if threshold <= 0:
-        return x * scale if scale != 1.0 else x
+        return None, 1.0
     if threshold >= MASK_SCALE:
-        return torch.zeros_like(x)
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
     n = x.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
     # random_() fills an int64 with 63 random bits: each of its four 16-bit words has at least 15
     bits = draws.view(torch.int16)[:n].view(x.shape)
-    keep = torch.bitwise_and(bits, MASK_SCALE - 1) >= threshold
-    factor = scale / (1.0 - threshold / MASK_SCALE)
-    return x * (keep * factor).to(x.dtype)
+    return torch.bitwise_and(bits, MASK_SCALE - 1) >= threshold, 1.0 - threshold / MASK_SCALE
+
+
+def scaled_dropout(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """`scale * dropout(x, p)`, training mode, with `keep_mask`'s mask (the same draws).
+
+    The kept elements are multiplied by scale over exactly the kept fraction.
+    """
+    keep, kept = keep_mask(x, p)
+    if keep is None:
+        return x * scale if scale != 1.0 else x
+    if kept == 0.0:
+        return torch.zeros_like(x)
+    return x * (keep * (scale / kept)).to(x.dtype)
+
+
+class FrozenBaseLoraLinear(torch.autograd.Function):
+    """`base(x) + (mask * x) @ A.T @ B.T * factor` for a frozen base layer, as one autograd node.
+
+    Saved for backward: x (one tensor however many layers read it), the boolean
+    mask, and the rank-r activations; the dropped input is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_a, weight_b, p: float, scaling: float):
+        flat = x.reshape(-1, x.shape[-1])
+        keep, kept = keep_mask(flat, p) if p > 0 else (None, 1.0)
+        factor = scaling / kept if kept > 0 else 0.0
+        result = F.linear(flat, weight, bias)
+        low = F.linear(flat if keep is None else flat * keep, weight_a)
+        if factor != 1.0:
+            low.mul_(factor)  # r columns
+        result.addmm_(low, weight_b.t())
+        ctx.factor = factor
+        ctx.save_for_backward(flat, keep, low, weight, weight_a, weight_b)
+        return result.view(*x.shape[:-1], result.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, keep, low, weight, weight_a, weight_b = ctx.saved_tensors
+        needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_a = grad_b = None
+        grad_low = (g @ weight_b).mul_(ctx.factor) if (needs_x or needs_a) else None
+        if needs_b:
+            grad_b = g.t() @ low
+        if needs_a:
+            grad_a = grad_low.t() @ (flat if keep is None else flat * keep)
+        if needs_x:
+            through_lora = grad_low @ weight_a
+            if keep is not None:
+                through_lora.mul_(keep)
+            grad_x = torch.addmm(through_lora, g, weight).view(grad.shape[:-1] + (flat.shape[-1],))
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def _plain_linear(layer) -> bool:
@@ -93,6 +152,9 @@ def fast_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dropout = module.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
+    if not (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+        return FrozenBaseLoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, p, scaling)
+    # a trained base layer: autograd over the same computation
     result = F.linear(x, base.weight, base.bias)
     if p > 0:
         low = F.linear(scaled_dropout(x, p, scaling), weight_a)

@@ -16,6 +16,7 @@ import torch
 
 from . import adalora
 from .errors import StageError
+from .gated_mlp import use_lean_mlp_forward
 from .lora_forward import use_fast_lora_forward
 from .models import load_model, load_tokenizer
 from .optional_imports import uses_bitsandbytes
@@ -97,6 +98,9 @@ def setup_for_training(
         base_dir, training_dtype(stage.training), device, quantization=stage.quantization if info.quantized else None
     )
     model.config.use_cache = False  # packed rows must not share a KV cache
+    lean = use_lean_mlp_forward(model)
+    if lean:
+        log.info("MLP: %d gated MLPs train with ftflow's lean CPU forward (ftflow.gated_mlp)", lean)
     if info.quantized:
         # Casts the layers left unquantized (norms, embeddings, head) to fp32 and makes the
         # 4-bit model's inputs require grad; the Trainer turns on gradient checkpointing itself.
