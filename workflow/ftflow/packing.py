@@ -32,27 +32,27 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         )
     groups = query.shape[1] // key.shape[1]
     bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        raise ValueError(f"packed attention: cu_seq_lens_q {bounds} does not span the row of {query.shape[2]} tokens")
+    # split (not slice): its backward concatenates the examples' gradients once, where each slice's backward
+    # would fill a zero tensor of the whole row
+    sizes = [end - start for start, end in zip(bounds, bounds[1:])]
     outputs = []
-    for start, end in zip(bounds, bounds[1:]):
-        if end <= start:
+    for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)):
+        if q.shape[2] == 0:
             continue
-        q = query[:, :, start:end]
-        k = key[:, :, start:end]
-        v = value[:, :, start:end]
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                dropout_p=dropout if module.training else 0.0,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=groups > 1,
-            )
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=groups > 1,
         )
-    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    # transformers' attention functions return (batch, seq, heads, head_dim)
-    return out.transpose(1, 2).contiguous(), None
+        outputs.append(out.transpose(1, 2))
+    # transformers' attention functions return (batch, seq, heads, head_dim): one copy, by the cat
+    return (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0].contiguous()), None
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
