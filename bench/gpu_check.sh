@@ -5,7 +5,8 @@
 #      bitsandbytes CUDA kernels and its merge, paged AdamW, packed attention on CUDA (SDPA,
 #      and flash-attention when installed), the GPU slot allocator on the real devices;
 #   2. `ftflow bench --quick --gpu`: the bf16 training comparison on a Qwen3-0.6B-shaped
-#      model (the CPU sections in quick mode), its GPU section written to bench/results-gpu.md.
+#      model (padded recipe, ftflow, and TRL's SFTTrainer for LoRA and full; the CPU sections
+#      in quick mode), its GPU section written to bench/results-gpu.md.
 # Every check fails loudly, never skips, when the machine has no working CUDA device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,10 @@ from ftflow.bench.report import render_gpu_markdown
 results = json.load(open(sys.argv[1], encoding="utf-8"))
 if results["gpu"].get("skipped"):
     sys.exit(f"the bench skipped its GPU section: {results['gpu']['skipped']}")
+for method in ("lora", "full"):
+    trl = (results["gpu"].get("trl") or {}).get(method)
+    if not trl or not trl.get("peak_gpu_mb"):
+        sys.exit(f"the GPU section has no TRL {method} run with a peak GPU memory")
 with open(sys.argv[2], "w", encoding="utf-8") as out:
     out.write(render_gpu_markdown(results))
 print(f"gpu-check: wrote {sys.argv[2]}")

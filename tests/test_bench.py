@@ -28,8 +28,13 @@ REQUIRED_KEYS = (
 
 
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+def quick_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def quick_results(quick_out):
+    out = quick_out
     proc = subprocess.run(
         [
             str(BIN / "ftflow"),
@@ -179,3 +184,36 @@ def test_bench_refuses_a_config_without_a_lora_experiment(tmp_path):
     assert proc.returncode == 1
     assert "no experiment trained in one LoRA stage" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.workflow
+def test_the_gpu_sections_code_runs_on_a_cpu_with_a_tiny_shape(quick_results, quick_out):
+    """`ftflow bench --gpu` cannot run here; its code path can, in bf16 on the CPU with a 2-layer Qwen3."""
+    from transformers import AutoTokenizer
+
+    from ftflow.bench.gpu import bench_gpu
+    from ftflow.bench.inputs import prepare_inputs
+    from ftflow.bench.runner import BenchSettings
+    from ftflow.bench.worker import run_in_process
+
+    inputs = prepare_inputs(str(quick_out / "work"), str(REPO / "config.yaml"), smoke=True, cores=2, merged=False)
+    vocab = len(AutoTokenizer.from_pretrained(inputs.model_dir))
+    tiny = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=vocab,
+        tie_word_embeddings=True,
+    )
+    settings = BenchSettings.for_mode(True)
+    gpu = bench_gpu(inputs, settings, run_in_process, requested=True, log=lambda *_: None, device="cpu", sizes=tiny)
+    assert set(gpu["train"]) == {"lora", "full", "qlora"}
+    for method in ("lora", "full"):
+        trl = gpu["trl"][method]
+        assert len(trl["runs"]) == settings.train_rounds
+        assert trl["labels"]["identical_labels"] == trl["labels"]["examples"] > 0
+        assert math.isfinite(trl["speedup"]) and trl["speedup"] > 0
+        assert abs(trl["train_loss_gap"]) < 0.05 * trl["train_loss"], trl  # bf16 on both sides: close, not equal

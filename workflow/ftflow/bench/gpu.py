@@ -7,13 +7,17 @@ results say why it was skipped. The model has Qwen3-0.6B's architecture
 downloaded; it reads the embedded tokenizer's ids, which all lie inside its
 vocabulary. Both sides train in bf16 on the same examples as the CPU
 comparison, for full fine-tuning, LoRA and QLoRA, and report peak GPU memory
-(torch.cuda.max_memory_allocated).
+(torch.cuda.max_memory_allocated). TRL's SFTTrainer (trl_side, padding-free,
+bf16 like ftflow's side) then trains the same model, examples and settings,
+LoRA and full, in as many rounds as ftflow's side; on a GPU its fused LM head
+projects only the positions that predict a label, as ftflow's loss does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 
 from .flops import matmul_peak
 from .train_throughput import compare_training, summarize_training
@@ -34,6 +38,7 @@ QWEN3_0_6B = dict(
 )
 GPU_STEPS = 20  # optimizer steps per run: a GPU step takes tens of milliseconds
 GPU_METHODS = ("lora", "full", "qlora")
+GPU_PEER_METHODS = ("lora", "full")
 
 
 def skip_reason(requested: bool) -> str | None:
@@ -99,6 +104,7 @@ def bench_gpu(
         inputs, gpu_settings, run_task, methods=GPU_METHODS, device=device, model_dir=model_dir, bf16=True, log=log
     )
     training = summarize_training(runs, peak["gflops"])
+    trl = trl_on_gpu(inputs, gpu_settings, run_task, model_dir, device, training, log)
     memory = {
         method: {side: result[side].get("peak_gpu_mb") for side in ("baseline", "ftflow")}
         for method, result in training.items()
@@ -110,4 +116,45 @@ def bench_gpu(
         "steps": steps,
         "train": training,
         "peak_gpu_mb": memory,
+        "trl": trl,
     }
+
+
+def trl_on_gpu(inputs, settings, run_task, model_dir: str, device: str, training: dict, log=print) -> dict:
+    """{method: TRL's runs and ftflow's ratios to them} on the GPU section's model, examples and settings."""
+    out = {}
+    for method in GPU_PEER_METHODS:
+        runs = []
+        for round_index in range(settings.train_rounds):
+            run = run_task(
+                "peers.trl",
+                model_dir=model_dir,
+                data_dir=inputs.data_dir,
+                data_spec=inputs.data_spec,
+                workdir=inputs.work,
+                stage=inputs.stage,
+                method=method,
+                steps=settings.train_steps,
+                out_dir=os.path.join(inputs.work, "gpu", f"trl-{method}"),
+                device=device,
+                bf16=True,
+            )
+            log(f"gpu {method} trl round {round_index + 1}: {run['useful_tokens_per_second']:.1f} useful tokens/s")
+            runs.append(run)
+        ours = training[method]["ftflow"]
+        ours_loss = statistics.median(r["train_loss"] for r in ours["runs"])
+        speed = statistics.median(r["useful_tokens_per_second"] for r in runs)
+        peak = max((r.get("peak_gpu_mb") or 0) for r in runs) or None
+        loss = statistics.median(r["train_loss"] for r in runs)
+        out[method] = {
+            "useful_tokens_per_second": speed,
+            "peak_gpu_mb": peak,
+            "train_loss": loss,
+            "speedup": round(ours["useful_tokens_per_second"] / speed, 3),
+            "memory_ratio": round(ours["peak_gpu_mb"] / peak, 3) if peak and ours.get("peak_gpu_mb") else None,
+            "train_loss_gap": round(ours_loss - loss, 6),
+            "labels": runs[0]["labels"],
+            "versions": runs[0]["versions"],
+            "runs": runs,
+        }
+    return out
