@@ -289,7 +289,16 @@ def _gpu(results: dict) -> list[str]:
         rows.append([method, "speedup", f"{r['speedup']:.2f}x", "", "", ""])
         trl = (g.get("trl") or {}).get(method)
         if trl:
-            rows.append([method, "TRL SFTTrainer", _num(trl["useful_tokens_per_second"], 0), "0%", _num(trl["peak_gpu_mb"], 0), ""])
+            rows.append(
+                [
+                    method,
+                    "TRL SFTTrainer",
+                    _num(trl["useful_tokens_per_second"], 0),
+                    "0%",
+                    _num(trl["peak_gpu_mb"], 0),
+                    "",
+                ]
+            )
             rows.append([method, "ftflow / TRL", f"{trl['speedup']:.2f}x", "", _num(trl["memory_ratio"], 2), ""])
     return [
         f"{g['model']} on {results['machine'].get('gpu', g['device'])}; bf16 matmul peak {g['matmul_peak']['gflops']:,.0f} GFLOP/s; {g['steps']} steps per run.",
