@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora_forward import fast_path_applies, keep_mask
+from .lora_forward import drop_mask, fast_path_applies
 
 # MLP classes whose forward is exactly down(act_fn(gate(x)) * up(x)) (checked against transformers 5.24)
 GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
@@ -45,22 +45,22 @@ class SwiGLUDown(torch.autograd.Function):
         g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
         h = F.silu(g2).mul_(u2)
         result = F.linear(h, weight, bias)
-        keep, factor, low = None, 0.0, None
+        drop, factor, low = None, 0.0, None
         if weight_a is not None:
-            keep, kept = keep_mask(h, p) if p > 0 else (None, 1.0)
+            drop, kept = drop_mask(h, p) if p > 0 else (None, 1.0)
             factor = scaling / kept if kept > 0 else 0.0
-            low = F.linear(h if keep is None else h.mul_(keep), weight_a)
+            low = F.linear(h if drop is None else h.masked_fill_(drop, 0.0), weight_a)
             if factor != 1.0:
                 low.mul_(factor)
             result.addmm_(low, weight_b.t())
         ctx.factor = factor
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(g2, u2, keep, low, weight, weight_a, weight_b)
+        ctx.save_for_backward(g2, u2, drop, low, weight, weight_a, weight_b)
         return result.view(*g.shape[:-1], result.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        g, u, keep, low, weight, weight_a, weight_b = ctx.saved_tensors
+        g, u, drop, low, weight, weight_a, weight_b = ctx.saved_tensors
         needs_g, needs_u, needs_w, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:6]
         out = grad.reshape(-1, grad.shape[-1])
         silu = F.silu(g)
@@ -76,12 +76,12 @@ class SwiGLUDown(torch.autograd.Function):
                 grad_b = out.t() @ low
             if needs_a:
                 dropped = silu * u
-                grad_a = grad_low.t() @ (dropped if keep is None else dropped.mul_(keep))
+                grad_a = grad_low.t() @ (dropped if drop is None else dropped.masked_fill_(drop, 0.0))
             if needs_g or needs_u:
                 grad_h = grad_low @ weight_a
-                if keep is not None:
-                    grad_h.mul_(keep)
-                grad_h = torch.addmm(grad_h, out, weight)
+                if drop is not None:
+                    grad_h.masked_fill_(drop, 0.0)
+                grad_h.addmm_(out, weight)  # in place: no copy of the LoRA term first
         elif needs_g or needs_u:
             grad_h = out @ weight
         if needs_u:

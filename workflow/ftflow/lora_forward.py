@@ -48,38 +48,40 @@ MASK_BITS = 15
 MASK_SCALE = 1 << MASK_BITS  # thresholds are in units of 1/32768
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
-    """A training-mode dropout mask for `x` from 15 random bits per element, and the kept fraction.
+def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
+    """A training-mode dropout mask for `x` (True where an element is dropped) from 15 random bits per
+    element, and the kept fraction.
 
     None where nothing is dropped (p rounds to 0); the kept fraction is 1 - round(p * 32768) / 32768.
+    Applied with `masked_fill`, which needs no float copy of the mask (a bool * float multiply makes one).
     """
     threshold = round(p * MASK_SCALE)
     if threshold <= 0:
         return None, 1.0
     if threshold >= MASK_SCALE:
-        return torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device), 0.0
     n = x.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
     # random_() fills an int64 with 63 random bits: each of its four 16-bit words has at least 15
     bits = draws.view(torch.int16)[:n].view(x.shape)
-    return torch.bitwise_and(bits, MASK_SCALE - 1) >= threshold, 1.0 - threshold / MASK_SCALE
+    return torch.bitwise_and(bits, MASK_SCALE - 1) < threshold, 1.0 - threshold / MASK_SCALE
 
 
 def scaled_dropout(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    """`scale * dropout(x, p)`, training mode, with `keep_mask`'s mask (the same draws).
+    """`scale * dropout(x, p)`, training mode, with `drop_mask`'s mask (the same draws).
 
     The kept elements are multiplied by scale over exactly the kept fraction.
     """
-    keep, kept = keep_mask(x, p)
-    if keep is None:
+    drop, kept = drop_mask(x, p)
+    if drop is None:
         return x * scale if scale != 1.0 else x
     if kept == 0.0:
         return torch.zeros_like(x)
-    return x * (keep * (scale / kept)).to(x.dtype)
+    return x.masked_fill(drop, 0.0).mul_(scale / kept)
 
 
 class FrozenBaseLoraLinear(torch.autograd.Function):
-    """`base(x) + (mask * x) @ A.T @ B.T * factor` for a frozen base layer, as one autograd node.
+    """`base(x) + dropout(x) @ A.T @ B.T * factor` for a frozen base layer, as one autograd node.
 
     Saved for backward: x (one tensor however many layers read it), the boolean
     mask, and the rank-r activations; the dropped input is recomputed.
@@ -88,20 +90,20 @@ class FrozenBaseLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, weight_a, weight_b, p: float, scaling: float):
         flat = x.reshape(-1, x.shape[-1])
-        keep, kept = keep_mask(flat, p) if p > 0 else (None, 1.0)
+        drop, kept = drop_mask(flat, p) if p > 0 else (None, 1.0)
         factor = scaling / kept if kept > 0 else 0.0
         result = F.linear(flat, weight, bias)
-        low = F.linear(flat if keep is None else flat * keep, weight_a)
+        low = F.linear(flat if drop is None else flat.masked_fill(drop, 0.0), weight_a)
         if factor != 1.0:
             low.mul_(factor)  # r columns
         result.addmm_(low, weight_b.t())
         ctx.factor = factor
-        ctx.save_for_backward(flat, keep, low, weight, weight_a, weight_b)
+        ctx.save_for_backward(flat, drop, low, weight, weight_a, weight_b)
         return result.view(*x.shape[:-1], result.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        flat, keep, low, weight, weight_a, weight_b = ctx.saved_tensors
+        flat, drop, low, weight, weight_a, weight_b = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_a = grad_b = None
@@ -109,12 +111,13 @@ class FrozenBaseLoraLinear(torch.autograd.Function):
         if needs_b:
             grad_b = g.t() @ low
         if needs_a:
-            grad_a = grad_low.t() @ (flat if keep is None else flat * keep)
+            grad_a = grad_low.t() @ (flat if drop is None else flat.masked_fill(drop, 0.0))
         if needs_x:
-            through_lora = grad_low @ weight_a
-            if keep is not None:
-                through_lora.mul_(keep)
-            grad_x = torch.addmm(through_lora, g, weight).view(grad.shape[:-1] + (flat.shape[-1],))
+            grad_x = grad_low @ weight_a
+            if drop is not None:
+                grad_x.masked_fill_(drop, 0.0)
+            grad_x.addmm_(g, weight)  # in place: no copy of the LoRA term first
+            grad_x = grad_x.view(grad.shape[:-1] + (flat.shape[-1],))
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
