@@ -86,3 +86,22 @@ def test_eval_mode_and_other_activations_run_the_models_forward():
     for layer in reference.model.layers:
         layer.mlp.act_fn = torch.nn.GELU()
     assert loss_and_grads(gelu)[0] == loss_and_grads(reference)[0]
+
+
+def test_a_class_whose_forward_is_not_the_gated_mlp_is_left_alone():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from ftflow.gated_mlp import gated_forward
+
+    assert gated_forward(LlamaMLP)
+
+    class LlamaMLP2(LlamaMLP):  # a future version that scales the product
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0.5)
+
+    LlamaMLP2.__name__ = "LlamaMLP"
+    assert not gated_forward(LlamaMLP2)
+    model = tiny_llama("sdpa", use_cache=False)
+    for layer in model.model.layers:
+        layer.mlp.__class__ = LlamaMLP2
+    assert use_lean_mlp_forward(model) == 0

@@ -21,6 +21,8 @@ everything else runs the model's own forward.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
@@ -29,8 +31,20 @@ from torch.nn import functional as F
 
 from .lora_forward import drop_mask, fast_path_applies
 
-# MLP classes whose forward is exactly down(act_fn(gate(x)) * up(x)) (checked against transformers 5.24)
+# MLP classes whose forward is down(act_fn(gate(x)) * up(x)); `gated_forward` checks each one's source
 GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
+GATED_FORWARD = "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\nreturn down_proj"
+
+
+@functools.cache
+def gated_forward(cls) -> bool:
+    """True where `cls.forward` is, statement for statement, the gated MLP this module replaces."""
+    try:
+        lines = inspect.getsource(cls.forward).splitlines()[1:]
+    except (OSError, TypeError):
+        return False
+    body = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return "\n".join(body) == GATED_FORWARD
 
 
 def _is_silu(act) -> bool:
@@ -132,9 +146,7 @@ def use_lean_mlp_forward(model) -> int:
     """Give every gated MLP of `model` (GATED_MLP_CLASSES) the lean training forward; returns how many."""
     count = 0
     for module in model.modules():
-        if type(module).__name__ in GATED_MLP_CLASSES and all(
-            hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")
-        ):
+        if type(module).__name__ in GATED_MLP_CLASSES and gated_forward(type(module)):
             module.forward = types.MethodType(lean_mlp_forward, module)
             count += 1
     return count
