@@ -20,7 +20,7 @@ from test_lora_forward import saved_bytes
 IDS = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def build(lean: bool, lora: dict | None, checkpointing: bool = False):
+def build(lean: bool, lora: dict | None, checkpointing: bool = False, reentrant: bool = False):
     model = tiny_llama("sdpa", use_cache=False)
     if lora is not None:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **lora))
@@ -31,7 +31,9 @@ def build(lean: bool, lora: dict | None, checkpointing: bool = False):
     if lean:
         assert use_lean_mlp_forward(model) == 2
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            model.enable_input_require_grads()  # as ftflow.model_setup does with a frozen base
     return model.train()
 
 
@@ -60,9 +62,12 @@ def test_loss_and_every_gradient_equal_the_models_own_forward(case):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant):
     lora = CASES["lora-all-dropout"]
-    plain, checkpointed = loss_and_grads(build(True, lora)), loss_and_grads(build(True, lora, checkpointing=True))
+    plain = loss_and_grads(build(True, lora))
+    checkpointed = loss_and_grads(build(True, lora, checkpointing=True, reentrant=reentrant))
+    assert checkpointed[1].keys() == plain[1].keys()
     for name in plain[1]:
         torch.testing.assert_close(checkpointed[1][name], plain[1][name], rtol=1e-5, atol=1e-7)
 
