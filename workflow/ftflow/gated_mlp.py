@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora_forward import drop_mask, fast_path_applies
+from .lora_forward import fast_path_applies, frozen, lora_linear, lora_linear_backward, lora_parts
 
 # MLP classes whose forward is down(act_fn(gate(x)) * up(x)); `gated_forward` checks each one's source
 GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
@@ -58,16 +58,11 @@ class SwiGLUDown(torch.autograd.Function):
     def forward(ctx, g, u, weight, bias, weight_a, weight_b, p: float, scaling: float):
         g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
         h = F.silu(g2).mul_(u2)
-        result = F.linear(h, weight, bias)
-        drop, factor, low = None, 0.0, None
-        if weight_a is not None:
-            drop, kept = drop_mask(h, p) if p > 0 else (None, 1.0)
-            factor = scaling / kept if kept > 0 else 0.0
-            low = F.linear(h if drop is None else h.masked_fill_(drop, 0.0), weight_a)
-            if factor != 1.0:
-                low.mul_(factor)
-            result.addmm_(low, weight_b.t())
-        ctx.factor = factor
+        drop, low, ctx.factor = None, None, 0.0
+        if weight_a is None:
+            result = F.linear(h, weight, bias)
+        else:  # h is ours: its dropped elements are zeroed in place
+            result, drop, low, ctx.factor = lora_linear(h, weight, bias, weight_a, weight_b, p, scaling, scratch=True)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(g2, u2, drop, low, weight, weight_a, weight_b)
         return result.view(*g.shape[:-1], result.shape[-1])
@@ -78,26 +73,20 @@ class SwiGLUDown(torch.autograd.Function):
         needs_g, needs_u, needs_w, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:6]
         out = grad.reshape(-1, grad.shape[-1])
         silu = F.silu(g)
+        needs_h = needs_g or needs_u
         grad_g = grad_u = grad_w = grad_bias = grad_a = grad_b = None
+        h = silu * u if needs_w or (weight_a is not None and needs_a) else None
         if needs_w:
-            grad_w = out.t() @ (silu * u)
+            grad_w = out.t() @ h
         if needs_bias and ctx.has_bias:
             grad_bias = out.sum(0)
-        grad_h = None
         if weight_a is not None:
-            grad_low = (out @ weight_b).mul_(ctx.factor)
-            if needs_b:
-                grad_b = out.t() @ low
-            if needs_a:
-                dropped = silu * u
-                grad_a = grad_low.t() @ (dropped if drop is None else dropped.masked_fill_(drop, 0.0))
-            if needs_g or needs_u:
-                grad_h = grad_low @ weight_a
-                if drop is not None:
-                    grad_h.masked_fill_(drop, 0.0)
-                grad_h.addmm_(out, weight)  # in place: no copy of the LoRA term first
-        elif needs_g or needs_u:
-            grad_h = out @ weight
+            needs = (needs_h, needs_a, needs_b)
+            grad_h, grad_a, grad_b = lora_linear_backward(
+                out, h, drop, low, weight, weight_a, weight_b, ctx.factor, needs, scratch=True
+            )
+        else:
+            grad_h = out @ weight if needs_h else None
         if needs_u:
             grad_u = grad_h * silu
         if needs_g:
@@ -121,13 +110,8 @@ def _down_parts(down, probe: torch.Tensor):
         return down.weight, down.bias, None, None, 0.0, 1.0
     if not hasattr(down, "lora_A") or not fast_path_applies(down, probe, (), {}):
         return None
-    base = down.base_layer
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    name = down.active_adapters[0]
-    dropout = down.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    return base.weight, base.bias, down.lora_A[name].weight, down.lora_B[name].weight, p, float(down.scaling[name])
+    base, weight_a, weight_b, p, scaling = lora_parts(down)
+    return (base.weight, base.bias, weight_a, weight_b, p, scaling) if frozen(base) else None
 
 
 def lean_mlp_forward(module, x: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,50 @@ def scaled_dropout(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     return x.masked_fill(drop, 0.0).mul_(scale / kept)
 
 
+def lora_linear(inp, weight, bias, weight_a, weight_b, p: float, scaling: float, scratch: bool = False):
+    """`inp @ W.T + bias + dropout(inp) @ A.T @ B.T * scaling` for a 2-D `inp`, with drop_mask's mask.
+
+    Returns (output, drop mask or None, the scaled rank-r activations, their factor
+    scaling / kept fraction). `scratch`: `inp` is the caller's to overwrite (its
+    dropped elements are zeroed in place). Differentiable as it stands (autograd
+    saves nothing its in-place steps overwrite); FrozenBaseLoraLinear and
+    gated_mlp.SwiGLUDown give it the lean backward, lora_linear_backward.
+    """
+    drop, kept = drop_mask(inp, p) if p > 0 else (None, 1.0)
+    factor = scaling / kept if kept > 0 else 0.0
+    result = F.linear(inp, weight, bias)
+    dropped = inp if drop is None else (inp.masked_fill_(drop, 0.0) if scratch else inp.masked_fill(drop, 0.0))
+    low = F.linear(dropped, weight_a)
+    if factor != 1.0:
+        low.mul_(factor)  # r columns
+    result.addmm_(low, weight_b.t())
+    return result, drop, low, factor
+
+
+def lora_linear_backward(grad, inp, drop, low, weight, weight_a, weight_b, factor: float, needs, scratch=False):
+    """(input, A, B) gradients of lora_linear with a frozen W for the 2-D output gradient `grad`.
+
+    `inp`: the layer's input (read only for A's gradient); `needs`: which of the three
+    are wanted (None for the others); `scratch` as in lora_linear.
+    """
+    needs_input, needs_a, needs_b = needs
+    grad_input = grad_a = grad_b = None
+    grad_low = (grad @ weight_b).mul_(factor) if (needs_input or needs_a) else None
+    if needs_b:
+        grad_b = grad.t() @ low
+    if needs_a:
+        dropped = inp if drop is None else (inp.masked_fill_(drop, 0.0) if scratch else inp.masked_fill(drop, 0.0))
+        grad_a = grad_low.t() @ dropped
+    if needs_input:
+        grad_input = grad_low @ weight_a
+        if drop is not None:
+            grad_input.masked_fill_(drop, 0.0)
+        grad_input.addmm_(grad, weight)  # in place: no copy of the LoRA term first
+    return grad_input, grad_a, grad_b
+
+
 class FrozenBaseLoraLinear(torch.autograd.Function):
-    """`base(x) + dropout(x) @ A.T @ B.T * factor` for a frozen base layer, as one autograd node.
+    """lora_linear for a frozen base layer as one autograd node.
 
     Saved for backward: x (one tensor however many layers read it), the boolean
     mask, and the rank-r activations; the dropped input is recomputed.
@@ -90,14 +132,7 @@ class FrozenBaseLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, weight_a, weight_b, p: float, scaling: float):
         flat = x.reshape(-1, x.shape[-1])
-        drop, kept = drop_mask(flat, p) if p > 0 else (None, 1.0)
-        factor = scaling / kept if kept > 0 else 0.0
-        result = F.linear(flat, weight, bias)
-        low = F.linear(flat if drop is None else flat.masked_fill(drop, 0.0), weight_a)
-        if factor != 1.0:
-            low.mul_(factor)  # r columns
-        result.addmm_(low, weight_b.t())
-        ctx.factor = factor
+        result, drop, low, ctx.factor = lora_linear(flat, weight, bias, weight_a, weight_b, p, scaling)
         ctx.save_for_backward(flat, drop, low, weight, weight_a, weight_b)
         return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -106,17 +141,9 @@ class FrozenBaseLoraLinear(torch.autograd.Function):
         flat, drop, low, weight, weight_a, weight_b = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_a = grad_b = None
-        grad_low = (g @ weight_b).mul_(ctx.factor) if (needs_x or needs_a) else None
-        if needs_b:
-            grad_b = g.t() @ low
-        if needs_a:
-            grad_a = grad_low.t() @ (flat if drop is None else flat.masked_fill(drop, 0.0))
-        if needs_x:
-            grad_x = grad_low @ weight_a
-            if drop is not None:
-                grad_x.masked_fill_(drop, 0.0)
-            grad_x.addmm_(g, weight)  # in place: no copy of the LoRA term first
+        needs = (needs_x, needs_a, needs_b)
+        grad_x, grad_a, grad_b = lora_linear_backward(g, flat, drop, low, weight, weight_a, weight_b, ctx.factor, needs)
+        if grad_x is not None:
             grad_x = grad_x.view(grad.shape[:-1] + (flat.shape[-1],))
         return grad_x, None, None, grad_a, grad_b, None, None
 
@@ -144,30 +171,29 @@ def fast_path_applies(module, x: torch.Tensor, args: tuple, kwargs: dict) -> boo
     return x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
 
 
+def lora_parts(module) -> tuple:
+    """(base layer, A, B, dropout p, scaling) of a LoRA Linear where fast_path_applies."""
+    name = module.active_adapters[0]
+    dropout = module.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    return module.base_layer, module.lora_A[name].weight, module.lora_B[name].weight, p, float(module.scaling[name])
+
+
+def frozen(base) -> bool:
+    """True where neither the base layer's weight nor its bias trains (LoRA's case)."""
+    return not (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad))
+
+
 def fast_lora_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """base(x) + lora_B(lora_A(dropout(x))) * scaling, as PEFT's Linear.forward computes it."""
     if not fast_path_applies(module, x, args, kwargs):
         return type(module).forward(module, x, *args, **kwargs)
-    name = module.active_adapters[0]
-    base = module.base_layer
-    weight_a, weight_b = module.lora_A[name].weight, module.lora_B[name].weight
-    scaling = float(module.scaling[name])
-    dropout = module.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-
-    if not (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+    base, weight_a, weight_b, p, scaling = lora_parts(module)
+    if frozen(base):
         return FrozenBaseLoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, p, scaling)
     # a trained base layer: autograd over the same computation
-    result = F.linear(x, base.weight, base.bias)
-    if p > 0:
-        low = F.linear(scaled_dropout(x, p, scaling), weight_a)
-    else:
-        low = F.linear(x, weight_a)
-        if scaling != 1.0:
-            low = low * scaling  # r columns, not the layer's output width
-    shape = result.shape
-    out = torch.addmm(result.reshape(-1, shape[-1]), low.reshape(-1, low.shape[-1]), weight_b.t())
-    return out.view(shape)
+    out = lora_linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias, weight_a, weight_b, p, scaling)[0]
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def use_fast_lora_forward(model) -> int:
