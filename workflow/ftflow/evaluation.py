@@ -4,9 +4,10 @@
 
   loss/perplexity   on `eval.loss_split` (falling back to `eval.split`), packed
                     rows (no padding), cross-entropy summed over label tokens
-  generation        on `eval.split`, left-padded batches of prompts sorted by
-                    length, greedy (or configured sampling), stopping at the
-                    tokenizer's eos or the chat template's end-of-turn token
+  generation        on `eval.split`, batches of prompts sorted by length,
+                    greedy (decoding.py: shared prefix once, finished rows
+                    retired) or configured sampling (generate()), stopping at
+                    the tokenizer's eos or the chat template's end-of-turn token
   task metrics      ftflow's `evaluate` modules, loaded by path
 Writes predictions.jsonl, then metrics.json (the completion marker).
 """
@@ -22,6 +23,7 @@ from dataclasses import asdict
 
 import torch
 
+from . import decoding
 from .atomic import write_json, write_text
 from .data import load_split
 from .errors import StageError
@@ -126,19 +128,37 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[int]], spec: dict, device: str) -> list[dict]:
-    """Batched, left-padded decoding; per prompt (in input order) the new token ids up to the stop token.
+    """Batched decoding; per prompt (in input order) the new token ids up to the stop token.
 
     `spec`: the eval section's decoding settings (max_new_tokens, batch_size,
     do_sample, and temperature and top_p when sampling).
 
-    Prompts are sorted by length so a batch wastes little padding. Left padding
-    with an attention mask lets every row's answer start right after its own
-    prompt; generate() derives position ids from the mask, so a padded row
-    sees the same positions as when run alone.
+    Prompts are sorted by length so a batch wastes little padding. Greedy
+    decoding of the families decoding.py knows runs there (the batch's shared
+    prefix once, rows retired as they end); the rest runs generate() on
+    left-padded batches.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    own_decoder = decoding.applies(model, spec)
+    results: list[dict] = [{}] * len(prompts)
+    for start in range(0, len(order), spec["batch_size"]):
+        chunk = order[start : start + spec["batch_size"]]
+        batch = [prompts[i] for i in chunk]
+        if own_decoder:
+            answers = decoding.greedy_batch(model, batch, spec["max_new_tokens"], stops, pad, device)
+        else:
+            answers = generate_batch(model, batch, spec, stops, pad, device)
+        for i, answer in zip(chunk, answers):
+            results[i] = answer
+    return results
+
+
+def generate_batch(model, prompts: list[list[int]], spec: dict, stops: list[int], pad: int, device: str) -> list[dict]:
+    """generate() on one left-padded batch: with an attention mask every row's answer starts right
+    after its own prompt, and generate() derives position ids from the mask, so a padded row sees
+    the same positions as when run alone."""
     gen_kwargs = dict(
         max_new_tokens=spec["max_new_tokens"], do_sample=spec["do_sample"], pad_token_id=pad, eos_token_id=stops
     )
@@ -146,22 +166,19 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], spec: dict, device:
         gen_kwargs.update(temperature=spec["temperature"], top_p=spec["top_p"])
     else:  # a model's generation_config may ask for sampling settings greedy decoding ignores
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    results: list[dict] = [{}] * len(prompts)
-    for start in range(0, len(order), spec["batch_size"]):
-        chunk = order[start : start + spec["batch_size"]]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            n = len(prompts[i])
-            ids[row, width - n :] = torch.tensor(prompts[i])
-            mask[row, width - n :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-        for row, i in enumerate(chunk):
-            new = out[row, width:].tolist()
-            end = next((j for j, token in enumerate(new) if token in stops), None)
-            results[i] = {"ids": new[:end] if end is not None else new, "stopped": end is not None}
-    return results
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+    answers = []
+    for row in range(len(prompts)):
+        new = out[row, width:].tolist()
+        end = next((j for j, token in enumerate(new) if token in stops), None)
+        answers.append({"ids": new[:end] if end is not None else new, "stopped": end is not None})
+    return answers
 
 
 # --------------------------------------------------------------------------- scoring
@@ -290,6 +307,7 @@ def generate(model, tokenizer, test, spec: EvalSpec, device: str) -> tuple[dict,
         "examples_per_second": round(len(prompts) / seconds, 3) if seconds else None,
         "max_new_tokens": spec.max_new_tokens,
         "do_sample": spec.do_sample,
+        "decoder": "ftflow greedy" if decoding.applies(model, asdict(spec)) else "transformers generate",
         "stop_token_ids": stop_token_ids(tokenizer, model.generation_config),
         # answers cut off by max_new_tokens before they ended: raise it if this is not 0
         "hit_max_new_tokens": sum(not g["stopped"] for g in generated),
