@@ -141,3 +141,21 @@ def test_sampling_other_families_and_sliding_windows_use_generate(model):
     assert not decoding.applies(Other(), {"do_sample": False})
     Config.model_type, Config.layer_types = "qwen3", ["full_attention", "sliding_attention"]
     assert not decoding.applies(Other(), {"do_sample": False})
+
+
+@pytest.mark.parametrize(
+    "setting", [{"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"num_beams": 2}, {"suppress_tokens": [5]}]
+)
+def test_a_generation_config_that_changes_greedy_answers_keeps_generate(model, setting):
+    """generate() applies these from the model's generation_config even when decoding greedily."""
+    saved = {key: getattr(model.generation_config, key) for key in setting}
+    try:
+        for key, value in setting.items():
+            setattr(model.generation_config, key, value)
+        assert not decoding.applies(model, {"do_sample": False})
+        for key in setting:
+            setattr(model.generation_config, key, decoding.ANSWER_CHANGING[key])  # the neutral value is fine
+        assert decoding.applies(model, {"do_sample": False})
+    finally:
+        for key, value in saved.items():
+            setattr(model.generation_config, key, value)

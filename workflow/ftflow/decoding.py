@@ -15,8 +15,10 @@ layers all attend to the whole sequence, ftflow decodes the batch itself:
                   at once; the others go on
 
 The answers are generate()'s (tests compare with generate() one prompt at a
-time). Sampling, other model families and models with sliding-window or other
-non-global layers use generate().
+time). Sampling, other model families, models with sliding-window or other
+non-global layers, and models whose generation_config asks generate() for
+more than the argmax (a repetition penalty, banned words, beams: see
+ANSWER_CHANGING) use generate().
 """
 
 from __future__ import annotations
@@ -29,17 +31,41 @@ import torch
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 # A shared prefix shorter than this is run with each prompt (one forward fewer).
 MIN_SHARED_PREFIX = 4
+# Settings a model's generation_config may carry that make generate()'s greedy answers other than
+# the argmax at every step, with their neutral values: a model that sets one decodes with generate().
+ANSWER_CHANGING = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "exponential_decay_length_penalty": None,
+    "num_beams": 1,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "guidance_scale": 1.0,
+    "watermarking_config": None,
+    "stop_strings": None,
+}
 
 
 def applies(model, spec: dict) -> bool:
     """Whether `model` and the eval section's decoding settings `spec` are decoded here (else generate())."""
     config = model.config
     layers = getattr(config, "layer_types", None) or ["full_attention"]
+    settings = getattr(model, "generation_config", None)
     return (
         not spec["do_sample"]
         and getattr(config, "model_type", None) in FAMILIES
         and not getattr(config, "is_encoder_decoder", False)
         and all(kind == "full_attention" for kind in layers)
+        and all(getattr(settings, key, None) in (None, neutral) for key, neutral in ANSWER_CHANGING.items())
     )
 
 

@@ -81,7 +81,8 @@ def run_one_at_a_time(model_dir: str, data_dir: str, spec: dict, examples: int |
 
 @torch.no_grad()
 def run_batched(model_dir: str, data_dir: str, spec: dict, examples: int | None) -> dict:
-    """ftflow's eval decoding: `models.load_model` and `evaluation.generate_ids` (left-padded, length-sorted batches)."""
+    """ftflow's eval decoding: `models.load_model` and `evaluation.generate_ids` (length-sorted batches; greedy
+    decoding runs decoding.py: the shared prefix once, rows retired as they stop)."""
     from .. import models
     from ..evaluation import generate_ids
 
