@@ -141,6 +141,14 @@ def test_sampling_other_families_and_sliding_windows_use_generate(model):
     assert not decoding.applies(Other(), {"do_sample": False})
     Config.model_type, Config.layer_types = "qwen3", ["full_attention", "sliding_attention"]
     assert not decoding.applies(Other(), {"do_sample": False})
+    Config.layer_types = ["full_attention", "full_attention"]
+    assert decoding.applies(Other(), {"do_sample": False})
+    Config.sliding_window = 4096  # with layer_types it says only which layers slide
+    assert decoding.applies(Other(), {"do_sample": False})
+    Config.model_type, Config.layer_types = "mistral", None  # no layer_types: the window applies to every layer
+    assert not decoding.applies(Other(), {"do_sample": False})
+    Config.sliding_window = None
+    assert decoding.applies(Other(), {"do_sample": False})
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,9 @@ ANSWER_CHANGING = {
 def applies(model, spec: dict) -> bool:
     """Whether `model` and the eval section's decoding settings `spec` are decoded here (else generate())."""
     config = model.config
-    layers = getattr(config, "layer_types", None) or ["full_attention"]
+    # configs without layer_types (Mistral, Phi-3) apply `sliding_window` to every layer when it is set
+    window = ["sliding_attention"] if getattr(config, "sliding_window", None) else ["full_attention"]
+    layers = getattr(config, "layer_types", None) or window
     settings = getattr(model, "generation_config", None)
     return (
         not spec["do_sample"]
