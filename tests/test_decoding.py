@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftflow import decoding
 from ftflow.packing import PACKED_ATTENTION
+from ftflow.prepare import TINY_SIZES
 
 GREEDY = {"max_new_tokens": 10, "do_sample": False}
 QUESTIONS = [
@@ -28,12 +29,7 @@ def model(request, embedded_tokenizer):
     config = AutoConfig.for_model(
         request.param,
         vocab_size=len(embedded_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_SIZES,
         tie_word_embeddings=False,
         initializer_range=0.1,
         eos_token_id=embedded_tokenizer.eos_token_id,
