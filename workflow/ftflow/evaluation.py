@@ -3,7 +3,8 @@
     load model -> loss on packed batches -> generate -> score -> write
 
   loss/perplexity   on `eval.loss_split` (falling back to `eval.split`), packed
-                    rows (no padding), cross-entropy summed over label tokens
+                    rows (no padding; a prefix every example of a row shares runs
+                    once), cross-entropy summed over label tokens
   generation        on `eval.split`, batches of prompts sorted by length,
                     greedy (decoding.py: shared prefix once, finished rows
                     retired) or configured sampling (generate()), stopping at
@@ -31,7 +32,7 @@ from .loss import labelled_positions, summed_label_loss
 from .metrics import compute as compute_metric
 from .metrics import metric_value
 from .models import device_type, load_model, load_tokenizer
-from .packing import packing_collator
+from .packing import PACKED_ATTENTION, packing_collator, shared_prefix_row
 from .provenance import provenance
 from .specs import EvalSpec, ExperimentSpec
 from .status import read_status, status_reason
@@ -48,19 +49,28 @@ ANSWER_MARKER = "ftflow-answer-marker"
 # --------------------------------------------------------------------------- loss
 
 
-def packed_batches(dataset, max_tokens: int = PACKED_TOKENS_PER_BATCH):
-    """Runs of consecutive examples up to max_tokens, each flattened into one row."""
+def packed_batches(dataset, max_tokens: int = PACKED_TOKENS_PER_BATCH, share_prefix: bool = False):
+    """Runs of consecutive examples up to max_tokens, each flattened into one row.
+
+    With `share_prefix` (a model with ftflow_packed attention) a run whose
+    examples start with the same unlabelled tokens carries them once
+    (packing.shared_prefix_row).
+    """
     collator = packing_collator()
+
+    def row(batch):
+        return (share_prefix and shared_prefix_row(batch)) or collator(batch)
+
     batch, size = [], 0
-    for row in dataset:
-        n = len(row["input_ids"])
+    for example in dataset:
+        n = len(example["input_ids"])
         if batch and size + n > max_tokens:
-            yield collator(batch)
+            yield row(batch)
             batch, size = [], 0
-        batch.append({"input_ids": row["input_ids"], "labels": row["labels"]})
+        batch.append({"input_ids": example["input_ids"], "labels": example["labels"]})
         size += n
     if batch:
-        yield collator(batch)
+        yield row(batch)
 
 
 @torch.no_grad()
@@ -72,7 +82,8 @@ def dataset_loss(model, dataset, device: str, max_tokens: int = PACKED_TOKENS_PE
     the LM head runs only on positions that predict a label.
     """
     total, count = 0.0, 0
-    for batch in packed_batches(dataset, max_tokens):
+    share_prefix = getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION
+    for batch in packed_batches(dataset, max_tokens, share_prefix):
         targets, keep = labelled_positions(batch.pop("labels").to(device))
         if keep.numel() == 0:
             continue
