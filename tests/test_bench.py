@@ -195,19 +195,11 @@ def test_the_gpu_sections_code_runs_on_a_cpu_with_a_tiny_shape(quick_results, qu
     from ftflow.bench.inputs import prepare_inputs
     from ftflow.bench.runner import BenchSettings
     from ftflow.bench.worker import run_in_process
+    from ftflow.prepare import TINY_SIZES
 
     inputs = prepare_inputs(str(quick_out / "work"), str(REPO / "config.yaml"), smoke=True, cores=2, merged=False)
     vocab = len(AutoTokenizer.from_pretrained(inputs.model_dir))
-    tiny = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=vocab,
-        tie_word_embeddings=True,
-    )
+    tiny = dict(TINY_SIZES, vocab_size=vocab, tie_word_embeddings=True)
     settings = BenchSettings.for_mode(True)
     gpu = bench_gpu(inputs, settings, run_in_process, requested=True, log=lambda *_: None, device="cpu", sizes=tiny)
     assert set(gpu["train"]) == {"lora", "full", "qlora"}

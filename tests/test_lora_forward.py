@@ -14,8 +14,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from ftflow.lora_forward import fast_path_applies, scaled_dropout, use_fast_lora_forward
+from ftflow.lora_forward import drop_mask, fast_path_applies, use_fast_lora_forward
 from helpers import tiny_llama
+
+
+def scaled_dropout(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """`scale * dropout(x, p)` with drop_mask's mask (the same draws): what the fast path multiplies by lora_A."""
+    drop, kept = drop_mask(x, p)
+    if drop is None:
+        return x * scale
+    if kept == 0.0:
+        return torch.zeros_like(x)
+    return x.masked_fill(drop, 0.0) * (scale / kept)
 
 
 class TwoLayers(nn.Module):

@@ -27,6 +27,8 @@ import inspect
 
 import torch
 
+from .packing import common_prefix_length
+
 # Model families whose decoder layers and cache this decoder has been checked against.
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 # A shared prefix shorter than this is run with each prompt (one forward fewer).
@@ -73,11 +75,8 @@ def applies(model, spec: dict) -> bool:
 
 def shared_prefix(prompts: list[list[int]]) -> int:
     """How many leading tokens every prompt has in common, leaving each at least one of its own (0 if few)."""
-    longest = min(len(p) for p in prompts) - 1  # the last prompt token must run in the batch: it gives the logits
-    first = prompts[0]
-    n = 0
-    while n < longest and all(p[n] == first[n] for p in prompts):
-        n += 1
+    # the last prompt token must run in the batch: it gives the logits
+    n = common_prefix_length(prompts, min(len(p) for p in prompts) - 1)
     return n if n >= MIN_SHARED_PREFIX else 0
 
 

@@ -67,19 +67,6 @@ def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
     return torch.bitwise_and(bits, MASK_SCALE - 1) < threshold, 1.0 - threshold / MASK_SCALE
 
 
-def scaled_dropout(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    """`scale * dropout(x, p)`, training mode, with `drop_mask`'s mask (the same draws).
-
-    The kept elements are multiplied by scale over exactly the kept fraction.
-    """
-    drop, kept = drop_mask(x, p)
-    if drop is None:
-        return x * scale if scale != 1.0 else x
-    if kept == 0.0:
-        return torch.zeros_like(x)
-    return x.masked_fill(drop, 0.0).mul_(scale / kept)
-
-
 def lora_linear(inp, weight, bias, weight_a, weight_b, p: float, scaling: float, scratch: bool = False):
     """`inp @ W.T + bias + dropout(inp) @ A.T @ B.T * scaling` for a 2-D `inp`, with drop_mask's mask.
 

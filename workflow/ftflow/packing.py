@@ -98,16 +98,22 @@ def shared_prefix_length(examples: list[dict]) -> int:
     """
     if len(examples) < 2:
         return 0
-    first = examples[0]["input_ids"]
     limit = min(len(e["input_ids"]) for e in examples) - 1
     for example in examples:
         labels = example["labels"]
         first_label = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
         limit = min(limit, first_label - 1)
-    n = 0
-    while n < limit and all(e["input_ids"][n] == first[n] for e in examples):
-        n += 1
+    n = common_prefix_length([e["input_ids"] for e in examples], limit)
     return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def common_prefix_length(sequences: list, limit: int) -> int:
+    """How many leading tokens all `sequences` have in common, at most `limit`."""
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 def shared_prefix_row(examples: list[dict]) -> dict | None:
